@@ -1,0 +1,148 @@
+//! `tagllm`: serve (`tagllm serve`) or tag one note without a server (`tagllm tag note.json`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tagllm::{config::Config, domain::RawNote, server, tagger::Tagger};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Tags user notes with a handbook-guided LLM and serves the tags as recommender features"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
+    /// no store.
+    Tag {
+        /// Note JSON: {"note_id", "category", "title", "body", "images": [uri...]}.
+        note: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Config file (TOML); `TAGLLM__SECTION__KEY` env vars override it, flags override both.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// GGUF model file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// User Interest Handbook (TOML).
+    #[arg(long)]
+    handbook: Option<PathBuf>,
+    /// Feature schema (TOML).
+    #[arg(long)]
+    schema: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen address.
+    #[arg(long)]
+    addr: Option<std::net::SocketAddr>,
+    /// Store directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(common.config.as_deref())?;
+    if let Some(m) = &common.model {
+        cfg.model.path = m.clone();
+    }
+    if let Some(h) = &common.handbook {
+        cfg.handbook = h.clone();
+    }
+    if let Some(s) = &common.schema {
+        cfg.schema = s.clone();
+    }
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let mut cfg = load_config(&args.common)?;
+            if let Some(a) = args.addr {
+                cfg.server.addr = a;
+            }
+            if let Some(d) = args.data_dir {
+                cfg.data_dir = d;
+            }
+            server::init_logging(&cfg.log);
+            // Refuse bad config before binding a port.
+            cfg.validate()?;
+            server::load_guidance(&cfg)?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(cfg.server.addr)
+                    .await
+                    .with_context(|| format!("binding {}", cfg.server.addr))?;
+                server::run(cfg, listener, server::shutdown_signal()).await
+            })
+        }
+        Command::Tag { note, common } => {
+            let cfg = load_config(&common)?;
+            server::init_logging(&cfg.log);
+            cfg.validate()?;
+            let text = if note.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&note)
+                    .with_context(|| format!("reading {}", note.display()))?
+            };
+            let raw: RawNote = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", note.display()))?;
+            let note = raw.validate(&cfg.limits)?;
+            let (handbook, schema) = server::load_guidance(&cfg)?;
+            rt.block_on(async move {
+                let (engine, _thread) = server::start_engine(&cfg)?;
+                engine.wait_ready().await.map_err(anyhow::Error::msg)?;
+                let tagger = Tagger::new(handbook, engine, cfg.limits.clone(), cfg.model.max_new_tokens);
+                let run = tagger.run(&note).await?;
+                let features = schema.features(&run.parsed.tags);
+                let groups: serde_json::Map<String, serde_json::Value> = schema
+                    .groups
+                    .iter()
+                    .zip(&features)
+                    .map(|(g, f)| (g.name.clone(), serde_json::json!({"ids": f.ids, "weights": f.weights})))
+                    .collect();
+                let out = serde_json::json!({
+                    "note_id": note.id.as_str(),
+                    "category": run.handbook_category,
+                    "tags": run.parsed.tags,
+                    "features": groups,
+                    "dropped_tags": run.parsed.dropped.total(),
+                    "well_formed": run.parsed.well_formed,
+                    "raw_output": run.raw_output,
+                    "versions": {"model": run.versions.model, "handbook": run.versions.handbook, "schema": schema.version},
+                    "timings": {
+                        "prefill_ms": run.timings.prefill_ms,
+                        "decode_ms": run.timings.decode_ms,
+                        "prompt_tokens": run.timings.prompt_tokens,
+                        "generated_tokens": run.timings.generated_tokens,
+                    },
+                    "warnings": run.warnings,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The model's chat template (Jinja, from the checkpoint), rendered with minijinja the way Hugging
+//! Face renders it: `trim_blocks`, `lstrip_blocks`, Python string methods, `raise_exception`.
+
+use minijinja::{context, Environment, ErrorKind};
+use serde::Serialize;
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with `role` and `content`.
+    pub fn new(role: &str, content: impl Into<String>) -> Message {
+        Message {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
+
+/// ChatML, for checkpoints that carry no template.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+/// A template that does not compile or render.
+#[derive(Debug, thiserror::Error)]
+#[error("chat template: {0}")]
+pub struct TemplateError(String);
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos`/`eos` are the token texts templates may reference.
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate, TemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| TemplateError(e.to_string()))?;
+        Ok(ChatTemplate {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
+    }
+
+    /// Renders the conversation, ending with the assistant's turn opened when
+    /// `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| TemplateError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_renders_like_hf() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        let s = t
+            .render(
+                &[Message::new("system", "S"), Message::new("user", "U")],
+                true,
+            )
+            .unwrap();
+        assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception_work() {
+        let src = "{% for m in messages %}{{ m['content'].strip() }}{% endfor %}{% if messages|length > 1 %}{{ raise_exception('one only') }}{% endif %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi ")], false).unwrap(),
+            "hi"
+        );
+        let err = t
+            .render(
+                &[Message::new("user", "a"), Message::new("user", "b")],
+                false,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("one only"));
+    }
+}

@@ -1,0 +1,377 @@
+//! Everything candle: loading a quantized GGUF text model of the llama family, its tokenizer and
+//! chat template from the file's metadata, and greedy generation. The model is owned by the engine
+//! thread ([`engine`]); nothing here runs on a Tokio worker.
+
+pub mod chat;
+pub mod engine;
+pub mod tokenizer;
+
+use std::{
+    fs::File,
+    io::{Cursor, Read, Seek},
+    path::Path,
+    time::Instant,
+};
+
+use candle_core::{
+    quantized::{gguf_file, GgmlDType, QTensor},
+    Device, Tensor,
+};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use sha2::{Digest, Sha256};
+
+use crate::config::Requantize;
+use chat::{ChatTemplate, Message, CHATML};
+use tokenizer::SpecialTokens;
+
+/// A model failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The file could not be read or is not a supported model.
+    #[error("loading {path}: {reason}")]
+    Load {
+        /// The model file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The prompt does not fit the context.
+    #[error("the prompt is {tokens} tokens, over the {limit} the context leaves for it")]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// Room in the context after `max_new_tokens`.
+        limit: usize,
+    },
+    /// The caller went away.
+    #[error("cancelled")]
+    Cancelled,
+    /// candle, the tokenizer or the template failed at run time.
+    #[error("model: {0}")]
+    Runtime(String),
+}
+
+fn rt(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Runtime(e.to_string())
+}
+
+/// What the model is, for versions and responses.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Stable id: file stem, digest prefix, weight format. Part of the idempotency key.
+    pub version: String,
+    /// `general.name` from the file, or the file stem.
+    pub name: String,
+    /// Architecture (`llama`, `qwen2`, ...).
+    pub architecture: String,
+    /// Whether the model reads images (GGUF text models do not).
+    pub multimodal: bool,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+}
+
+/// A loaded text model with its tokenizer and chat template.
+pub struct TextModel {
+    weights: ModelWeights,
+    tokenizer: tokenizers::Tokenizer,
+    special: SpecialTokens,
+    template: ChatTemplate,
+    device: Device,
+    /// What it is.
+    pub info: ModelInfo,
+}
+
+/// Result of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    /// Generated text (special tokens removed).
+    pub text: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// Prefill wall time.
+    pub prefill_ms: f64,
+    /// Decode wall time.
+    pub decode_ms: f64,
+}
+
+/// How to stop generating.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Prompt + generation limit.
+    pub context_tokens: usize,
+    /// Text already in the assistant turn (part of the prompt) that generation continues; with
+    /// `stop_at_json_end`, it opens the JSON object.
+    pub assistant_prefix: String,
+    /// Stop once `assistant_prefix + text` holds a complete top-level JSON object.
+    pub stop_at_json_end: bool,
+}
+
+fn load_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::Load {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn file_digest(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Rewrites a GGUF in memory with its Q4_1 matrices as Q8_0 (see [`Requantize::Q8_0`]).
+fn requantize_q4_1<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+) -> candle_core::Result<Option<Cursor<Vec<u8>>>> {
+    if !ct
+        .tensor_infos
+        .values()
+        .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
+    {
+        return Ok(None);
+    }
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = ct.tensor(reader, name, &Device::Cpu)?;
+        let t = if t.dtype() == GgmlDType::Q4_1 {
+            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+        } else {
+            t
+        };
+        tensors.push((name.as_str(), t));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut buf = Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &metadata, &tensor_refs)?;
+    buf.set_position(0);
+    Ok(Some(buf))
+}
+
+impl TextModel {
+    /// Loads a GGUF text model of the llama family (llama, qwen2 layouts via candle's quantized
+    /// llama) on the CPU.
+    pub fn load(path: &Path, requantize: Requantize) -> Result<TextModel, ModelError> {
+        let device = Device::Cpu;
+        let digest = file_digest(path).map_err(|e| load_err(path, e))?;
+        let mut file = File::open(path).map_err(|e| load_err(path, e))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| load_err(path, e))?;
+        let md_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
+        let architecture = md_str("general.architecture").unwrap_or_default();
+        if architecture != "llama" {
+            return Err(load_err(
+                path,
+                format!("architecture {architecture:?} is not supported (llama is)"),
+            ));
+        }
+        let (tokenizer, special) = tokenizer::from_gguf(&ct).map_err(|e| load_err(path, e))?;
+        let template_src = md_str("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_string());
+        let template = ChatTemplate::new(&template_src, &special.bos_text, &special.eos_text)
+            .map_err(|e| load_err(path, e))?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = md_str("general.name").unwrap_or_else(|| stem.clone());
+        let requantized = match requantize {
+            Requantize::None => None,
+            Requantize::Q8_0 => requantize_q4_1(&ct, &mut file).map_err(|e| load_err(path, e))?,
+        };
+        let format = if requantized.is_some() {
+            "q8_0"
+        } else {
+            "as-stored"
+        };
+        let weights = match requantized {
+            Some(mut buf) => {
+                let ct2 = gguf_file::Content::read(&mut buf).map_err(|e| load_err(path, e))?;
+                ModelWeights::from_gguf(ct2, &mut buf, &device)
+            }
+            None => ModelWeights::from_gguf(ct, &mut file, &device),
+        }
+        .map_err(|e| load_err(path, e))?;
+        let vocab_size = tokenizer.get_vocab_size(true);
+        Ok(TextModel {
+            weights,
+            tokenizer,
+            special,
+            template,
+            device,
+            info: ModelInfo {
+                version: format!("{stem}@{}:{format}", &digest[..12]),
+                name,
+                architecture,
+                multimodal: false,
+                vocab_size,
+            },
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders `messages` with the chat template, opens the assistant turn and appends
+    /// `assistant_prefix`, then tokenizes (special tokens in the template are matched whole).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        assistant_prefix: &str,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut text = self.template.render(messages, true).map_err(rt)?;
+        text.push_str(assistant_prefix);
+        let enc = self.tokenizer.encode(text, false).map_err(rt)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.special.add_bos {
+            ids.extend(self.special.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
+        let input = Tensor::new(tokens, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(rt)?;
+        let logits = self.weights.forward(&input, pos).map_err(rt)?;
+        logits
+            .squeeze(0)
+            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(rt)
+    }
+
+    /// Greedy generation from `prompt`, stopping on a stop token, `max_new_tokens`, a complete
+    /// JSON object (when asked), or `cancelled()` (checked between steps).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generation, ModelError> {
+        let room = params.context_tokens.saturating_sub(params.max_new_tokens);
+        if prompt.len() > room {
+            return Err(ModelError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: room,
+            });
+        }
+        if prompt.is_empty() {
+            return Err(rt("empty prompt"));
+        }
+        let t0 = Instant::now();
+        let mut logits = self.forward(prompt, 0)?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let mut out: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
+        let mut text = String::new();
+        while out.len() < params.max_new_tokens {
+            if cancelled() {
+                return Err(ModelError::Cancelled);
+            }
+            let next = argmax(&logits);
+            if self.special.stop.contains(&next) {
+                break;
+            }
+            out.push(next);
+            text = self.tokenizer.decode(&out, true).map_err(rt)?;
+            if params.stop_at_json_end && json_object_closed(&params.assistant_prefix, &text) {
+                break;
+            }
+            if out.len() == params.max_new_tokens {
+                break;
+            }
+            logits = self.forward(&[next], prompt.len() + out.len() - 1)?;
+        }
+        Ok(Generation {
+            text,
+            prompt_tokens: prompt.len(),
+            generated_tokens: out.len(),
+            prefill_ms,
+            decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// Index of the largest logit (the first on ties, as llama.cpp's greedy sampler).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Whether `prefix + text` contains a complete top-level JSON object (braces balanced outside
+/// strings, after the first `{`).
+pub fn json_object_closed(prefix: &str, text: &str) -> bool {
+    let mut depth = 0i32;
+    let mut started = false;
+    let mut in_str = false;
+    let mut escaped = false;
+    for c in prefix.chars().chain(text.chars()) {
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' if started => in_str = true,
+            '{' => {
+                depth += 1;
+                started = true;
+            }
+            '}' if started => {
+                depth -= 1;
+                if depth == 0 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_end_detection() {
+        assert!(!json_object_closed("{\"", "brand\": [\"a}\"]"));
+        assert!(json_object_closed("{\"", "brand\": [\"a}\"]}"));
+        assert!(json_object_closed("", "x {\"a\": {\"b\": 1}} y"));
+        assert!(!json_object_closed("", "{\"a\": {\"b\": 1}"));
+        assert!(!json_object_closed("", "{\"a\": \"\\\"}\""));
+    }
+
+    #[test]
+    fn argmax_takes_first_max() {
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), 1);
+    }
+}

@@ -1,0 +1,198 @@
+//! A `tokenizers` tokenizer built from GGUF metadata, following llama.cpp's pre-tokenizer for the
+//! file's `tokenizer.ggml.pre` type. candle-core's own `TokenizerFromGguf` maps unknown `pre` types
+//! (smollm among them) to a generic byte-level setup with a prefix space and no digit splitting,
+//! which disagreed with llama.cpp on most of our test corpus; this builder agrees on all of it
+//! (`tests/fixtures/tokenizer_llamacpp.json`).
+
+use candle_core::quantized::gguf_file::Content;
+use tokenizers::{
+    decoders::byte_level::ByteLevel as ByteLevelDecoder,
+    models::bpe::BPE,
+    pre_tokenizers::{
+        byte_level::ByteLevel,
+        sequence::Sequence,
+        split::{Split, SplitPattern},
+    },
+    AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// The pre-tokenizer regexes llama.cpp uses per `pre` type (llama-vocab.cpp), for byte-level BPE.
+enum PreTok {
+    /// Split every digit on its own, then the GPT-2 regex (byte-level's own).
+    DigitsThenGpt2,
+    /// The GPT-2 regex alone.
+    Gpt2,
+    /// One custom regex, then byte-level without its own regex.
+    Regex(&'static str),
+}
+
+fn pre_tokenizer_for(pre: &str) -> Option<PreTok> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Some(match pre {
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            PreTok::DigitsThenGpt2
+        }
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "olmo" | "jais" => PreTok::Gpt2,
+        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" | "smaug-bpe" => {
+            PreTok::Regex(LLAMA3)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "qwen35" => PreTok::Regex(QWEN2),
+        _ => return None,
+    })
+}
+
+/// Why a tokenizer could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer from GGUF: {0}")]
+pub struct TokenizerError(pub String);
+
+fn te(e: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError(e.to_string())
+}
+
+/// Token ids the model needs besides the vocabulary.
+#[derive(Debug, Clone)]
+pub struct SpecialTokens {
+    /// Beginning of sequence.
+    pub bos: Option<u32>,
+    /// Whether a BOS is prepended to prompts (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    /// Generation stops on any of these.
+    pub stop: Vec<u32>,
+    /// Text of the BOS token (for chat templates).
+    pub bos_text: String,
+    /// Text of the EOS token (for chat templates).
+    pub eos_text: String,
+}
+
+/// Builds the tokenizer and special tokens described by a GGUF file's metadata.
+pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerError> {
+    let md = |k: &str| ct.metadata.get(k);
+    let model = md("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .ok_or_else(|| te("tokenizer.ggml.model missing"))?;
+    if model != "gpt2" {
+        return Err(te(format!(
+            "tokenizer.ggml.model = {model:?} is not supported (byte-level BPE, \"gpt2\", is)"
+        )));
+    }
+    let pre = md("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("default");
+    let pretok = pre_tokenizer_for(pre).ok_or_else(|| {
+        te(format!(
+            "tokenizer.ggml.pre = {pre:?} is not supported; tokenizing it differently from llama.cpp would silently change the model's input"
+        ))
+    })?;
+    let tokens: Vec<String> = md("tokenizer.ggml.tokens")
+        .ok_or_else(|| te("tokenizer.ggml.tokens missing"))?
+        .to_vec()
+        .map_err(te)?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(te))
+        .collect::<Result<_, _>>()?;
+    let types: Vec<i32> = match md("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(te)?
+            .iter()
+            .map(|t| t.to_i32().map_err(te))
+            .collect::<Result<_, _>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let merges: Vec<(String, String)> = md("tokenizer.ggml.merges")
+        .ok_or_else(|| te("tokenizer.ggml.merges missing"))?
+        .to_vec()
+        .map_err(te)?
+        .iter()
+        .map(|v| {
+            let s = v.to_string().map_err(te)?;
+            let (a, b) = s
+                .split_once(' ')
+                .ok_or_else(|| te(format!("merge {s:?} has no space")))?;
+            Ok((a.to_string(), b.to_string()))
+        })
+        .collect::<Result<_, TokenizerError>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(te)?;
+    let mut tok = Tokenizer::new(bpe);
+    let pre_tokenizer: PreTokenizerWrapper = match pretok {
+        PreTok::DigitsThenGpt2 => Sequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(r"\p{N}".into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(te)?
+            .into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        PreTok::Gpt2 => ByteLevel::new(false, true, true).into(),
+        PreTok::Regex(re) => Sequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(te)?
+            .into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+    };
+    tok.with_pre_tokenizer(Some(pre_tokenizer));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control and user-defined tokens are matched whole in text, as llama.cpp does with
+    // `parse_special`; control tokens are skipped when decoding.
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(s, &t)| AddedToken::from(s.clone(), t == TOKEN_TYPE_CONTROL).normalized(false))
+        .collect();
+    tok.add_special_tokens(added).map_err(te)?;
+
+    let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
+    let bos = id("tokenizer.ggml.bos_token_id");
+    let eos = id("tokenizer.ggml.eos_token_id");
+    let add_bos = md("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    let mut stop: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
+        .into_iter()
+        .flatten()
+        .collect();
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
+        if let Some(i) = tok.token_to_id(name) {
+            stop.push(i);
+        }
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    let text_of = |i: Option<u32>| {
+        i.and_then(|i| tokens.get(i as usize).cloned())
+            .unwrap_or_default()
+    };
+    let special = SpecialTokens {
+        bos,
+        add_bos,
+        stop,
+        bos_text: text_of(bos),
+        eos_text: text_of(eos),
+    };
+    Ok((tok, special))
+}

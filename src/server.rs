@@ -1,0 +1,225 @@
+//! Builds and runs the app: loads and cross-checks handbook and schema, opens the store, starts the
+//! engine, serves both services with health (NOT_SERVING until the model is warm) and reflection
+//! (v1 and v1alpha), explicit message limits, and graceful shutdown with a grace period.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::{Config, LogFormat},
+    features::Schema,
+    grpc::{pb, FeatureApi, TagApi, FEATURE_SERVICE, TAG_SERVICE},
+    handbook::Handbook,
+    model::engine::{EngineConfig, EngineHandle, EngineState},
+    store::{NoteCache, RedbStore},
+    tagger::Tagger,
+};
+
+/// Installs the global `tracing` subscriber (text or JSON); `RUST_LOG` overrides the filter.
+pub fn init_logging(cfg: &crate::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads the handbook and schema and checks that every dimension the schema names exists in the
+/// handbook. Errors name the file and the place.
+pub fn load_guidance(cfg: &Config) -> anyhow::Result<(Arc<Handbook>, Arc<Schema>)> {
+    let handbook = Handbook::load(&cfg.handbook)?;
+    let schema = Schema::load(&cfg.schema)?;
+    for (i, g) in schema.groups.iter().enumerate() {
+        for d in &g.dimensions {
+            let known = std::iter::once(&handbook.fallback)
+                .chain(&handbook.categories)
+                .any(|c| c.has_dimension(d));
+            if !known {
+                anyhow::bail!(
+                    "schema {}: group[{i}] {:?}: dimension {d:?} is in no category of handbook {}",
+                    cfg.schema.display(),
+                    g.name,
+                    cfg.handbook.display()
+                );
+            }
+        }
+    }
+    Ok((Arc::new(handbook), Arc::new(schema)))
+}
+
+/// Starts the engine thread for `cfg`.
+pub fn start_engine(cfg: &Config) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    EngineHandle::spawn(EngineConfig {
+        model_path: cfg.model.path.clone(),
+        requantize: cfg.model.requantize,
+        queue_capacity: cfg.model.queue_capacity,
+        context_tokens: cfg.model.context_tokens,
+    })
+    .context("starting the engine thread")
+}
+
+/// Runs the server on `listener` until `shutdown` completes, then drains: health goes NOT_SERVING,
+/// new connections are refused, in-flight calls get `server.shutdown_grace_secs` to finish.
+/// Everything is validated and opened before the first connection is accepted.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let (handbook, schema) = load_guidance(&cfg)?;
+    let data_dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
+        .await?
+        .context("opening the store")?;
+    let notes = Arc::new(NoteCache::new(
+        Arc::new(store),
+        schema.clone(),
+        cfg.cache.max_notes,
+    ));
+    let (engine, engine_thread) = start_engine(&cfg)?;
+    let tagger = Tagger::new(
+        handbook.clone(),
+        engine.clone(),
+        cfg.limits.clone(),
+        cfg.model.max_new_tokens,
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(FEATURE_SERVICE, ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status(TAG_SERVICE, ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    // Follow the engine: SERVING once the model is loaded and warm.
+    let mut states = engine.watch();
+    let h = health.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let status = match &*states.borrow_and_update() {
+                EngineState::Ready(_) => ServingStatus::Serving,
+                EngineState::Failed(e) => {
+                    tracing::error!(error = %e, "tagging unavailable");
+                    ServingStatus::NotServing
+                }
+                EngineState::Loading => ServingStatus::NotServing,
+            };
+            h.set_service_status(TAG_SERVICE, status).await;
+            h.set_service_status("", status).await;
+            if states.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let dec = cfg.server.max_decoding_message_bytes;
+    let enc = cfg.server.max_encoding_message_bytes;
+    let tag_api = TagApi::new(
+        tagger.clone(),
+        notes.clone(),
+        cfg.limits.clone(),
+        cfg.server.stream_concurrency,
+    );
+    let feature_api = FeatureApi::new(
+        notes.clone(),
+        handbook.clone(),
+        tagger.clone(),
+        cfg.limits.clone(),
+    );
+    let tag_service = pb::tag_service_server::TagServiceServer::new(tag_api)
+        .max_decoding_message_size(dec)
+        .max_encoding_message_size(enc);
+    let feature_service = pb::feature_service_server::FeatureServiceServer::new(feature_api)
+        .max_decoding_message_size(dec)
+        .max_encoding_message_size(enc);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %cfg.model.path.display(), data_dir = %cfg.data_dir.display(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The block owns the server future: leaving it drops every service and its handles.
+    {
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(tag_service)
+            .add_service(feature_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            });
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r?,
+            () = shutdown => {
+                tracing::info!("shutting down: draining in-flight calls");
+                watcher.abort();
+                health.set_service_status("", ServingStatus::NotServing).await;
+                health.set_service_status(TAG_SERVICE, ServingStatus::NotServing).await;
+                health.set_service_status(FEATURE_SERVICE, ServingStatus::NotServing).await;
+                let _ = stop_tx.send(());
+                let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(r) => r?,
+                    Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over: closing remaining calls"),
+                }
+            }
+        }
+    }
+    // Dropping the last engine handle ends the engine thread; wait for it so that a restart in
+    // the same process finds the model and the store released.
+    drop(tagger);
+    drop(engine);
+    watcher.abort();
+    let join = tokio::task::spawn_blocking(move || engine_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .is_err()
+    {
+        tracing::warn!("engine thread still busy after shutdown");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,305 @@
+//! The durable store of tagged notes and the cache in front of it.
+//!
+//! [`Store`] is the persistence boundary (one trait, so a shared online store for several replicas
+//! can come later); [`RedbStore`] is the embedded default: redb is a pure-Rust, ACID, copy-on-write
+//! B-tree whose commits are durable (fsync'd) before `commit` returns, so an acknowledged TagNote
+//! survives a crash at any point. [`NoteCache`] keeps notes with their features ready to serve.
+
+use std::{path::Path, sync::Arc};
+
+use moka::sync::Cache;
+use redb::{Database, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    domain::{Tag, Versions},
+    features::{Features, Schema},
+};
+
+/// Everything stored about one tagged note. Features are not stored: they are a pure function of
+/// the tags and the schema, so a schema change needs no re-tagging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredNote {
+    /// The caller's note id.
+    pub note_id: String,
+    /// Category as the caller sent it.
+    pub category: String,
+    /// Handbook entry that tagged it (the fallback's key for unknown categories).
+    pub handbook_category: String,
+    /// [`crate::domain::Note::content_hash`] of the tagged content.
+    pub content_hash: String,
+    /// Model and handbook versions.
+    pub versions: Versions,
+    /// The tags.
+    pub tags: Vec<Tag>,
+    /// When it was tagged (ms since the epoch).
+    pub tagged_at_ms: i64,
+    /// The model's raw output.
+    pub raw_output: String,
+    /// Candidates the parser dropped.
+    pub dropped_tags: u32,
+    /// Prompt tokens of the generation.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub generated_tokens: u32,
+}
+
+/// A storage failure (the store is broken or full, not the caller's fault).
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+fn se(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Persistence of tagged notes.
+pub trait Store: Send + Sync + 'static {
+    /// The notes with these ids, in order (`None` = never stored).
+    fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<StoredNote>>, StoreError>;
+    /// Stores a note durably, replacing any earlier version; returns once it is on disk.
+    fn put(&self, note: &StoredNote) -> Result<(), StoreError>;
+    /// Up to `limit` notes with ids strictly after `after` (all from the start when `None`), in id
+    /// order: the page of a scan.
+    fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError>;
+    /// Number of stored notes.
+    fn len(&self) -> Result<u64, StoreError>;
+    /// Whether the store holds no note.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+const NOTES: TableDefinition<&str, &[u8]> = TableDefinition::new("notes_v1");
+
+/// The embedded default store: one redb file, `notes.redb`, in the data directory.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| se(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("notes.redb");
+        let db =
+            Database::create(&path).map_err(|e| se(format!("opening {}: {e}", path.display())))?;
+        // Create the table up front so readers never see it missing.
+        let tx = db.begin_write().map_err(se)?;
+        tx.open_table(NOTES).map_err(se)?;
+        tx.commit().map_err(se)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<StoredNote, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| se(format!("corrupt record: {e}")))
+}
+
+impl Store for RedbStore {
+    fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<StoredNote>>, StoreError> {
+        let tx = self.db.begin_read().map_err(se)?;
+        let table = tx.open_table(NOTES).map_err(se)?;
+        ids.iter()
+            .map(|id| match table.get(*id).map_err(se)? {
+                Some(v) => decode(v.value()).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn put(&self, note: &StoredNote) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(note).map_err(se)?;
+        let tx = self.db.begin_write().map_err(se)?;
+        {
+            let mut table = tx.open_table(NOTES).map_err(se)?;
+            table
+                .insert(note.note_id.as_str(), bytes.as_slice())
+                .map_err(se)?;
+        }
+        // Durability::Immediate is redb's default: commit returns after fsync.
+        tx.commit().map_err(se)
+    }
+
+    fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError> {
+        use std::ops::Bound;
+        let tx = self.db.begin_read().map_err(se)?;
+        let table = tx.open_table(NOTES).map_err(se)?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in table
+            .range::<&str>((lower, Bound::Unbounded))
+            .map_err(se)?
+            .take(limit)
+        {
+            let (_, v) = item.map_err(se)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn len(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(se)?;
+        let table = tx.open_table(NOTES).map_err(se)?;
+        table.len().map_err(se)
+    }
+}
+
+/// A stored note with its features, as held in the cache.
+#[derive(Debug)]
+pub struct CachedNote {
+    /// The stored record.
+    pub record: StoredNote,
+    /// Its features under the current schema (same order as `schema.groups`).
+    pub features: Features,
+}
+
+/// The read path: moka cache in front of the store; computes features once per note.
+pub struct NoteCache {
+    store: Arc<dyn Store>,
+    schema: Arc<Schema>,
+    cache: Cache<String, Arc<CachedNote>>,
+}
+
+impl NoteCache {
+    /// A cache of at most `max_notes` notes over `store`.
+    pub fn new(store: Arc<dyn Store>, schema: Arc<Schema>, max_notes: u64) -> NoteCache {
+        NoteCache {
+            store,
+            schema,
+            cache: Cache::new(max_notes),
+        }
+    }
+
+    /// The schema features are computed with.
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn entry(&self, record: StoredNote) -> Arc<CachedNote> {
+        let features = self.schema.features(&record.tags);
+        Arc::new(CachedNote { record, features })
+    }
+
+    /// Cached notes only (never touches the store): cheap enough for an async thread.
+    pub fn get_cached(&self, ids: &[&str]) -> Vec<Option<Arc<CachedNote>>> {
+        ids.iter().map(|id| self.cache.get(*id)).collect()
+    }
+
+    /// Fills the `None` slots of `found` from the store (blocking I/O) and caches what it finds.
+    pub fn fill_from_store(
+        &self,
+        ids: &[&str],
+        found: &mut [Option<Arc<CachedNote>>],
+    ) -> Result<(), StoreError> {
+        let missing: Vec<usize> = (0..ids.len()).filter(|&i| found[i].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let miss_ids: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
+        let records = self.store.get_many(&miss_ids)?;
+        for (&i, rec) in missing.iter().zip(records) {
+            if let Some(rec) = rec {
+                let e = self.entry(rec);
+                self.cache.insert(e.record.note_id.clone(), e.clone());
+                found[i] = Some(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cache then store (blocking on a miss).
+    pub fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<Arc<CachedNote>>>, StoreError> {
+        let mut found = self.get_cached(ids);
+        self.fill_from_store(ids, &mut found)?;
+        Ok(found)
+    }
+
+    /// Stores durably (blocking), then caches; returns the entry.
+    pub fn put(&self, record: StoredNote) -> Result<Arc<CachedNote>, StoreError> {
+        self.store.put(&record)?;
+        let e = self.entry(record);
+        self.cache.insert(e.record.note_id.clone(), e.clone());
+        Ok(e)
+    }
+
+    /// A page of a full scan with features (blocking; bypasses the cache so a scan does not evict
+    /// the ranking path's hot notes).
+    pub fn scan_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Arc<CachedNote>>, StoreError> {
+        Ok(self
+            .store
+            .scan_page(after, limit)?
+            .into_iter()
+            .map(|r| match self.cache.get(&r.note_id) {
+                Some(e) if e.record == r => e,
+                _ => self.entry(r),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(id: &str, v: &str) -> StoredNote {
+        StoredNote {
+            note_id: id.into(),
+            category: "sneakers".into(),
+            handbook_category: "sneakers".into(),
+            content_hash: "h".into(),
+            versions: Versions::default(),
+            tags: vec![Tag {
+                dimension: "brand".into(),
+                value: v.into(),
+                score: 1.0,
+            }],
+            tagged_at_ms: 1,
+            raw_output: String::new(),
+            dropped_tags: 0,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn put_get_scan_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            for i in 0..25 {
+                s.put(&note(&format!("n{i:02}"), "nike")).unwrap();
+            }
+            s.put(&note("n03", "adidas")).unwrap();
+            let got = s.get_many(&["n03", "missing", "n24"]).unwrap();
+            assert_eq!(got[0].as_ref().unwrap().tags[0].value, "adidas");
+            assert!(got[1].is_none());
+            assert_eq!(s.len().unwrap(), 25);
+        }
+        let s = RedbStore::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.scan_page(after.as_deref(), 10).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = Some(page.last().unwrap().note_id.clone());
+            ids.extend(page.into_iter().map(|n| n.note_id));
+        }
+        assert_eq!(ids.len(), 25);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+}

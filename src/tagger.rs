@@ -1,0 +1,253 @@
+//! The tagging use case: resolve the handbook entry, build the prompt, run the engine, parse and
+//! normalize the tags; and, for the service, idempotency and the durable write.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::sync::oneshot;
+
+use crate::{
+    config::Limits,
+    domain::{now_ms, ImageRef, Note, Versions},
+    error::{Error, Result},
+    handbook::Handbook,
+    model::{
+        engine::{EngineHandle, Job, SubmitError},
+        ModelError,
+    },
+    prompt,
+    store::{CachedNote, NoteCache, StoredNote},
+    tags::{parse_output, Parsed},
+};
+
+/// Where the time of one tagging went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Waiting for the engine.
+    pub queue_ms: f64,
+    /// Prompt processing.
+    pub prefill_ms: f64,
+    /// Token generation.
+    pub decode_ms: f64,
+    /// End to end, store included.
+    pub total_ms: f64,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub generated_tokens: u32,
+}
+
+/// One fresh tagging run (no store involved).
+#[derive(Debug, Clone)]
+pub struct TagRun {
+    /// Parsed tags and drop counts.
+    pub parsed: Parsed,
+    /// The model's raw output (the assistant prefix included).
+    pub raw_output: String,
+    /// Handbook entry used.
+    pub handbook_category: String,
+    /// Versions that produced it.
+    pub versions: Versions,
+    /// Timings.
+    pub timings: Timings,
+    /// Images the model read.
+    pub images_used: u32,
+    /// Non-fatal remarks.
+    pub warnings: Vec<String>,
+}
+
+/// The result of TagNote.
+#[derive(Debug, Clone)]
+pub struct TagOutcome {
+    /// The stored note with features.
+    pub entry: Arc<CachedNote>,
+    /// Whether a stored result was returned without generation.
+    pub reused: bool,
+    /// Timings (zeros but `total_ms` when reused).
+    pub timings: Timings,
+    /// Images the model read.
+    pub images_used: u32,
+    /// Non-fatal remarks.
+    pub warnings: Vec<String>,
+}
+
+/// Tags notes with the engine, guided by the handbook.
+#[derive(Clone)]
+pub struct Tagger {
+    handbook: Arc<Handbook>,
+    engine: EngineHandle,
+    limits: Limits,
+    max_new_tokens: usize,
+}
+
+fn submit_error(e: SubmitError) -> Error {
+    match e {
+        SubmitError::QueueFull(_) => Error::Overloaded(format!("{e}; retry with backoff")),
+        SubmitError::NotReady(_) => Error::Unavailable(e.to_string()),
+    }
+}
+
+impl Tagger {
+    /// A tagger over a running engine.
+    pub fn new(
+        handbook: Arc<Handbook>,
+        engine: EngineHandle,
+        limits: Limits,
+        max_new_tokens: usize,
+    ) -> Tagger {
+        Tagger {
+            handbook,
+            engine,
+            limits,
+            max_new_tokens,
+        }
+    }
+
+    /// The handbook.
+    pub fn handbook(&self) -> &Arc<Handbook> {
+        &self.handbook
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// Versions results are produced with now (fails while the model loads).
+    pub fn versions(&self) -> Result<Versions> {
+        let info = self.engine.info().map_err(submit_error)?;
+        Ok(Versions {
+            model: format!("{}/p{}", info.version, prompt::PROMPT_VERSION),
+            handbook: self.handbook.version.clone(),
+        })
+    }
+
+    /// Generates and parses tags for `note`.
+    pub async fn run(&self, note: &Note) -> Result<TagRun> {
+        let versions = self.versions()?;
+        let info = self.engine.info().map_err(submit_error)?;
+        let category = self.handbook.resolve(&note.category);
+        let mut warnings = Vec::new();
+        if !note.images.is_empty() && !info.multimodal {
+            warnings.push(format!(
+                "model {} is text-only: {} image(s) not used",
+                info.name,
+                note.images.len()
+            ));
+        }
+        if self.handbook.lookup(&note.category).is_none() {
+            warnings.push(format!(
+                "category {:?} is not in handbook {}: used the fallback entry {:?}",
+                note.category, self.handbook.version, category.key
+            ));
+        }
+        let prefix = prompt::assistant_prefix(category);
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .try_submit(Job {
+                messages: prompt::messages(note, category, &self.limits),
+                max_new_tokens: self.max_new_tokens,
+                assistant_prefix: prefix.clone(),
+                enqueued: Instant::now(),
+                reply: tx,
+            })
+            .map_err(submit_error)?;
+        let out = rx
+            .await
+            .map_err(|_| Error::Unavailable("the engine stopped".into()))?
+            .map_err(|e| match e {
+                ModelError::PromptTooLong { tokens, limit } => Error::invalid(
+                    "note.body",
+                    format!("the prompt is {tokens} tokens, over the {limit} the model context leaves; shorten the note"),
+                ),
+                ModelError::Cancelled => Error::Cancelled,
+                other => Error::internal(other),
+            })?;
+        let raw_output = format!("{prefix}{}", out.generation.text);
+        let parsed = parse_output(&raw_output, category, &self.limits);
+        let g = &out.generation;
+        Ok(TagRun {
+            parsed,
+            raw_output,
+            handbook_category: category.key.clone(),
+            versions,
+            timings: Timings {
+                queue_ms: out.queue.as_secs_f64() * 1e3,
+                prefill_ms: g.prefill_ms,
+                decode_ms: g.decode_ms,
+                total_ms: 0.0,
+                prompt_tokens: g.prompt_tokens as u32,
+                generated_tokens: g.generated_tokens as u32,
+            },
+            images_used: if info.multimodal {
+                note.images
+                    .iter()
+                    .filter(|i| matches!(i, ImageRef::Bytes(_)))
+                    .count() as u32
+            } else {
+                0
+            },
+            warnings,
+        })
+    }
+
+    /// TagNote: returns the stored result when content and versions are unchanged (unless
+    /// `force`), else generates, stores durably, and returns the new result.
+    pub async fn tag(&self, note: Note, force: bool, notes: &Arc<NoteCache>) -> Result<TagOutcome> {
+        let t0 = Instant::now();
+        let versions = self.versions()?;
+        let hash = note.content_hash();
+        if !force {
+            let id = note.id.as_str().to_string();
+            let cache = notes.clone();
+            let existing = tokio::task::spawn_blocking(move || cache.get_many(&[id.as_str()]))
+                .await
+                .map_err(Error::internal)?
+                .map_err(Error::internal)?
+                .pop()
+                .flatten();
+            if let Some(e) = existing {
+                if e.record.content_hash == hash && e.record.versions == versions {
+                    return Ok(TagOutcome {
+                        entry: e,
+                        reused: true,
+                        timings: Timings {
+                            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                            ..Default::default()
+                        },
+                        images_used: 0,
+                        warnings: Vec::new(),
+                    });
+                }
+            }
+        }
+        let run = self.run(&note).await?;
+        let record = StoredNote {
+            note_id: note.id.as_str().to_string(),
+            category: note.category.clone(),
+            handbook_category: run.handbook_category,
+            content_hash: hash,
+            versions: run.versions,
+            tags: run.parsed.tags,
+            tagged_at_ms: now_ms(),
+            raw_output: run.raw_output,
+            dropped_tags: run.parsed.dropped.total(),
+            prompt_tokens: run.timings.prompt_tokens,
+            generated_tokens: run.timings.generated_tokens,
+        };
+        let cache = notes.clone();
+        // The write is durable before this returns, and it completes even if the caller leaves.
+        let entry = tokio::task::spawn_blocking(move || cache.put(record))
+            .await
+            .map_err(Error::internal)?
+            .map_err(Error::internal)?;
+        let mut timings = run.timings;
+        timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(TagOutcome {
+            entry,
+            reused: false,
+            timings,
+            images_used: run.images_used,
+            warnings: run.warnings,
+        })
+    }
+}

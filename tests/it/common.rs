@@ -1,0 +1,135 @@
+//! Test harness: start and stop a real server, connect clients.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use tagllm::{config::Config, grpc::pb};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// Repository root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The default model; the tests fail (not skip) without it.
+pub fn model_path() -> std::path::PathBuf {
+    let p = root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run models/fetch_default_model.sh",
+        p.display()
+    );
+    p
+}
+
+/// Config for a test server storing in `data_dir`.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut cfg = Config {
+        data_dir: data_dir.to_path_buf(),
+        handbook: root().join("models/handbook.toml"),
+        schema: root().join("models/features.toml"),
+        ..Config::default()
+    };
+    cfg.model.path = model_path();
+    cfg.model.max_new_tokens = 48;
+    cfg.server.shutdown_grace_secs = 5;
+    cfg
+}
+
+/// A running server.
+pub struct App {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl App {
+    /// Starts a server on 127.0.0.1:0 and waits until its model is warm (health SERVING).
+    pub async fn spawn(cfg: Config) -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(tagllm::server::run(cfg, listener, async {
+            let _ = stopped.await;
+        }));
+        let app = App {
+            addr,
+            stop: Some(stop),
+            join: Some(join),
+        };
+        app.wait_serving("").await;
+        app
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to 120 s) for `service`'s health to be SERVING.
+    pub async fn wait_serving(&self, service: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut h = HealthClient::new(ch);
+                if let Ok(r) = h
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                {
+                    if r.into_inner().status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never became SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn tag_client(&self) -> pb::tag_service_client::TagServiceClient<Channel> {
+        pb::tag_service_client::TagServiceClient::new(self.channel().await)
+    }
+
+    pub async fn feature_client(
+        &self,
+    ) -> pb::feature_service_client::FeatureServiceClient<Channel> {
+        pb::feature_service_client::FeatureServiceClient::new(self.channel().await)
+    }
+
+    /// Graceful shutdown; returns once the server has released the store and the model.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.join.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A note from `tests/fixtures/notes/<name>.json` as a proto note.
+pub fn fixture_note(name: &str) -> pb::Note {
+    let text =
+        std::fs::read_to_string(root().join(format!("tests/fixtures/notes/{name}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    pb::Note {
+        note_id: v["note_id"].as_str().unwrap().into(),
+        category: v["category"].as_str().unwrap().into(),
+        title: v["title"].as_str().unwrap().into(),
+        body: v["body"].as_str().unwrap().into(),
+        images: vec![],
+        updated_at_ms: v["updated_at_ms"].as_i64().unwrap_or(0),
+    }
+}

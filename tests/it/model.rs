@@ -1,0 +1,105 @@
+//! The model against llama.cpp, on fixtures that `scripts/gen_llamacpp_fixtures.py` regenerates
+//! with llama-cpp-python from the same GGUF file.
+
+use tagllm::{config::Requantize, model::TextModel};
+
+use crate::common::{model_path, root};
+
+fn fixture(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/fixtures").join(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Token ids identical to llama.cpp's on every string of the corpus (CJK, emoji, full-width, code,
+/// whitespace runs, special tokens in text), and decoding gives the text back.
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let model = TextModel::load(&model_path(), Requantize::None).unwrap();
+    let tok = model.tokenizer();
+    let fx = fixture("tokenizer_llamacpp.json");
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 500, "corpus has {} strings", cases.len());
+    let mut mismatches = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want = ids(&c["ids"]);
+        let got = tok.encode(text, false).unwrap().get_ids().to_vec();
+        if got != want {
+            mismatches.push(format!("{text:?}: ours {got:?}, llama.cpp {want:?}"));
+            continue;
+        }
+        let back = tok.decode(&got, false).unwrap();
+        assert_eq!(back, text, "decode round trip");
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} strings differ from llama.cpp:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Next-token logits within a tolerance of llama.cpp's on six chat prompts, for the weights as
+/// stored (Q4_1) and re-quantized to Q8_0 (the default).
+///
+/// Metric: max |difference| over llama.cpp's 64 highest logits, after removing the constant shift
+/// between the two vocabulary means (softmax ignores a shift). Why these bounds: both sides
+/// quantize activations to 8 bits before the quantized matmuls and sum in different orders, and
+/// llama.cpp keeps its KV cache in F16 where candle keeps F32. llama.cpp differs from *itself* by
+/// 0.21-0.48 on these prompts when only its KV-cache type changes, and its argmax flips on one
+/// (`scripts/llamacpp_kv_variation.py`). We measured 0.26-0.54 (Q4_1) and 0.42-0.83 (Q8_0, a
+/// different weight rounding), so the bounds are 0.75 and 1.0; the argmax must agree wherever
+/// llama.cpp's top-2 margin exceeds 0.5.
+#[test]
+fn logits_match_llama_cpp() {
+    let fx = fixture("llamacpp_logits.json");
+    for (mode, tol) in [(Requantize::None, 0.75f32), (Requantize::Q8_0, 1.0f32)] {
+        let mut model = TextModel::load(&model_path(), mode).unwrap();
+        let mut worst = 0f32;
+        for c in fx["cases"].as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
+            let prompt = ids(&c["prompt_ids"]);
+            let top_ids = ids(&c["top_ids"]);
+            let top: Vec<f32> = c["top_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let logits = model.forward(&prompt, 0).unwrap();
+            assert_eq!(logits.len(), 49152);
+            // Softmax ignores a constant shift: compare logits centred on each side's vocabulary mean.
+            let our_mean = logits.iter().sum::<f32>() / logits.len() as f32;
+            let shift = our_mean - c["logit_mean"].as_f64().unwrap() as f32;
+            let max_diff = top_ids
+                .iter()
+                .zip(&top)
+                .map(|(&i, &want)| (logits[i as usize] - shift - want).abs())
+                .fold(0f32, f32::max);
+            worst = worst.max(max_diff);
+            assert!(
+                max_diff <= tol,
+                "{mode:?} {name}: max centred |logit diff| {max_diff} > {tol}"
+            );
+            let ours = tagllm::model::argmax(&logits);
+            if top[0] - top[1] > 0.5 {
+                assert_eq!(ours, top_ids[0], "{mode:?} {name}: argmax differs");
+            }
+        }
+        eprintln!("{mode:?}: worst |logit diff| vs llama.cpp over top-64 = {worst:.4}");
+    }
+}
