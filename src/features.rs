@@ -253,9 +253,13 @@ impl Schema {
                             "vocab and oov_buckets are for ids = \"vocab\"".into(),
                         ));
                     }
-                    IdMap::Hash {
-                        buckets: g.hash_buckets.unwrap_or(0),
-                    }
+                    let Some(buckets) = g.hash_buckets else {
+                        return Err(err(
+                            &place,
+                            "ids = \"hash\" needs hash_buckets (0 = full int64 range)".into(),
+                        ));
+                    };
+                    IdMap::Hash { buckets }
                 }
                 other => {
                     return Err(err(
@@ -419,11 +423,11 @@ mod tests {
     fn schema_errors_name_the_place() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s.toml");
-        std::fs::write(&f, "version = \"1\"\n[[group]]\nname = \"Bad Name\"\ndimensions = [\"*\"]\nids = \"hash\"\nweight = \"one\"\n").unwrap();
+        std::fs::write(&f, "version = \"1\"\n[[group]]\nname = \"Bad Name\"\ndimensions = [\"*\"]\nids = \"hash\"\nhash_buckets = 0\nweight = \"one\"\n").unwrap();
         let e = Schema::load(&f).unwrap_err().to_string();
         assert!(e.contains("group[0]") && e.contains("name"), "{e}");
         std::fs::write(dir.path().join("v.txt"), "Nike\nＮＩＫＥ\n").unwrap();
-        std::fs::write(&f, "version = \"1\"\n[[group]]\nname = \"b\"\ndimensions = [\"brand\"]\nids = \"vocab\"\nvocab = \"v.txt\"\nweight = \"one\"\n").unwrap();
+        std::fs::write(&f, "version = \"1\"\n[[group]]\nname = \"b\"\ndimensions = [\"brand\"]\nids = \"vocab\"\nvocab = \"v.txt\"\noov_buckets = 0\nweight = \"one\"\n").unwrap();
         let e = Schema::load(&f).unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
     }

@@ -6,6 +6,8 @@ use std::{collections::HashMap, path::Path};
 
 use serde::Deserialize;
 
+use crate::tags::normalize;
+
 /// A handbook that loaded and validated.
 #[derive(Debug, Clone)]
 pub struct Handbook {
@@ -28,7 +30,6 @@ pub struct Category {
     /// Display name.
     pub name: String,
     /// What notes of this category are about.
-    #[serde(default)]
     pub description: String,
     /// Other keys that resolve to this entry.
     #[serde(default)]
@@ -49,7 +50,6 @@ pub struct Dimension {
     /// What this dimension captures.
     pub description: String,
     /// Example values (mixed languages welcome).
-    #[serde(default)]
     pub examples: Vec<String>,
 }
 
@@ -93,12 +93,14 @@ pub enum HandbookError {
     },
 }
 
+/// Fewest examples per dimension.
+pub const MIN_EXAMPLES: usize = 3;
 /// Most examples per dimension.
-pub const MAX_EXAMPLES: usize = 12;
+pub const MAX_EXAMPLES: usize = 8;
 /// Longest example (characters).
-pub const MAX_EXAMPLE_CHARS: usize = 48;
+pub const MAX_EXAMPLE_CHARS: usize = 24;
 /// Longest description (characters).
-pub const MAX_DESCRIPTION_CHARS: usize = 400;
+pub const MAX_DESCRIPTION_CHARS: usize = 200;
 
 /// Whether `key` is a valid category or dimension key: `^[a-z][a-z0-9_]{0,31}$`.
 pub fn is_valid_key(key: &str) -> bool {
@@ -135,6 +137,13 @@ impl Handbook {
         }
         validate_category(&file.fallback, "fallback".to_string())
             .map_err(|(pl, r)| invalid(pl, r))?;
+        if !file.fallback.aliases.is_empty() {
+            return Err(invalid(
+                "fallback".into(),
+                "takes no aliases: it already answers every unknown category".into(),
+            ));
+        }
+        let fallback_key = normalize(&file.fallback.key);
         let mut index = HashMap::new();
         for (i, cat) in file.categories.iter().enumerate() {
             let place = format!("category[{i}] {:?}", cat.key);
@@ -146,13 +155,17 @@ impl Handbook {
                 ));
             }
             for name in std::iter::once(&cat.key).chain(cat.aliases.iter()) {
-                if name.trim().is_empty() || name.trim() != name {
+                let norm = normalize(name);
+                if norm.is_empty() {
+                    return Err(invalid(place, format!("alias {name:?} is empty")));
+                }
+                if norm == fallback_key {
                     return Err(invalid(
                         place,
-                        format!("alias {name:?} must be non-empty, without surrounding whitespace"),
+                        format!("alias {name:?} is the fallback's key"),
                     ));
                 }
-                if let Some(prev) = index.insert(name.to_lowercase(), i) {
+                if let Some(prev) = index.insert(norm, i) {
                     return Err(invalid(
                         place,
                         format!(
@@ -171,10 +184,11 @@ impl Handbook {
         })
     }
 
-    /// The entry for a category key or alias (case-insensitive); `None` means the fallback applies.
+    /// The entry for a category key or alias (compared after [`normalize`]); `None` means the
+    /// fallback applies.
     pub fn lookup(&self, key: &str) -> Option<&Category> {
         self.index
-            .get(&key.trim().to_lowercase())
+            .get(&normalize(key))
             .map(|&i| &self.categories[i])
     }
 
@@ -193,6 +207,9 @@ fn validate_category(cat: &Category, place: String) -> Result<(), (String, Strin
     }
     if cat.name.trim().is_empty() {
         return Err((place, "name must not be empty".into()));
+    }
+    if cat.description.trim().is_empty() {
+        return Err((place, "description must not be empty".into()));
     }
     if cat.description.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err((
@@ -224,13 +241,23 @@ fn validate_category(cat: &Category, place: String) -> Result<(), (String, Strin
                 format!("description is over {MAX_DESCRIPTION_CHARS} characters"),
             ));
         }
-        if d.examples.len() > MAX_EXAMPLES {
+        if d.name.trim().is_empty() {
+            return Err((dplace, "name must not be empty".into()));
+        }
+        if !(MIN_EXAMPLES..=MAX_EXAMPLES).contains(&d.examples.len()) {
             return Err((
                 dplace,
-                format!("has {} examples, over {MAX_EXAMPLES}", d.examples.len()),
+                format!(
+                    "has {} examples; {MIN_EXAMPLES}..={MAX_EXAMPLES} are needed",
+                    d.examples.len()
+                ),
             ));
         }
+        let mut seen_examples = std::collections::HashSet::new();
         for ex in &d.examples {
+            if !seen_examples.insert(normalize(ex)) {
+                return Err((dplace, format!("example {ex:?} repeats an earlier one")));
+            }
             let n = ex.chars().count();
             if n == 0 || n > MAX_EXAMPLE_CHARS || ex.trim().is_empty() {
                 return Err((
@@ -277,19 +304,22 @@ version = "t1"
 [fallback]
 key = "general"
 name = "General"
+description = "Anything else."
 [[fallback.dimension]]
 key = "topic"
 name = "Topic"
 description = "What it is about."
+examples = ["a", "b", "c"]
 [[category]]
 key = "sneakers"
 name = "Sneakers"
-aliases = ["球鞋"]
+description = "Shoes."
+aliases = ["球鞋", "ＳＨＯＥＳ"]
 [[category.dimension]]
 key = "brand"
 name = "Brand"
 description = "The brand."
-examples = ["Nike", "李宁"]
+examples = ["Nike", "李宁", "Adidas"]
 "#;
 
     #[test]
@@ -298,11 +328,12 @@ examples = ["Nike", "李宁"]
         assert_eq!(h.resolve("sneakers").key, "sneakers");
         assert_eq!(h.resolve("SNEAKERS").key, "sneakers");
         assert_eq!(h.resolve("球鞋").key, "sneakers");
+        assert_eq!(h.resolve(" shoes ").key, "sneakers");
         assert_eq!(h.resolve("pets").key, "general");
         assert!(h.lookup("pets").is_none());
         let g = h.resolve("sneakers").guidance();
         assert!(
-            g.contains("- brand: The brand. Examples: Nike, 李宁."),
+            g.contains("- brand: The brand. Examples: Nike, 李宁, Adidas."),
             "{g}"
         );
     }
@@ -317,14 +348,35 @@ examples = ["Nike", "李宁"]
             e.contains("hb.toml") && e.contains("category[0]") && e.contains("dimension[0]"),
             "{e}"
         );
-        let alias_clash = OK.replace("aliases = [\"球鞋\"]", "aliases = [\"sneakers\"]");
+        let alias_clash = OK.replace("\"ＳＨＯＥＳ\"", "\"Sneakers\"");
         let e = Handbook::parse(&alias_clash, "hb.toml")
             .unwrap_err()
             .to_string();
         assert!(e.contains("already used"), "{e}");
+        let dup = OK.replace(
+            "[\"Nike\", \"李宁\", \"Adidas\"]",
+            "[\"Nike\", \"ＮＩＫＥ\", \"李宁\"]",
+        );
+        let e = Handbook::parse(&dup, "hb.toml").unwrap_err().to_string();
+        assert!(e.contains("repeats"), "{e}");
+        let fb = OK.replace("\"ＳＨＯＥＳ\"", "\"General\"");
+        let e = Handbook::parse(&fb, "hb.toml").unwrap_err().to_string();
+        assert!(e.contains("fallback"), "{e}");
         let syntax = OK.replace("version = \"t1\"", "version = ");
         let e = Handbook::parse(&syntax, "hb.toml").unwrap_err().to_string();
         assert!(e.contains("line"), "{e}");
+        let few = OK.replace(
+            "[\"Nike\", \"李宁\", \"Adidas\"]",
+            "[\"Nike\", \"ＮＩＫＥ\", \"李宁\"]",
+        );
+        let e = Handbook::parse(&few, "hb.toml").unwrap_err().to_string();
+        assert!(e.contains("repeats"), "{e}");
+        let fb = OK.replace(
+            "aliases = [\"球鞋\", \"ＳＨＯＥＳ\"]",
+            "aliases = [\"General\"]",
+        );
+        let e = Handbook::parse(&fb, "hb.toml").unwrap_err().to_string();
+        assert!(e.contains("fallback"), "{e}");
         let unknown = OK.replace("name = \"Brand\"", "nme = \"Brand\"");
         let e = Handbook::parse(&unknown, "hb.toml")
             .unwrap_err()

@@ -17,7 +17,7 @@ use candle_core::{
     quantized::{gguf_file, GgmlDType, QTensor},
     Device, Tensor,
 };
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use sha2::{Digest, Sha256};
 
 use crate::config::Requantize;
@@ -70,9 +70,40 @@ pub struct ModelInfo {
     pub vocab_size: usize,
 }
 
+/// The architectures candle-transformers implements for quantized GGUF text models.
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+}
+
+impl Weights {
+    fn from_gguf<R: Read + Seek>(
+        arch: &str,
+        ct: gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+    ) -> candle_core::Result<Weights> {
+        Ok(match arch {
+            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, r, device)?),
+            _ => Weights::Llama(quantized_llama::ModelWeights::from_gguf(ct, r, device)?),
+        })
+    }
+
+    /// Logits of the last position; `pos == 0` starts a new sequence (the KV cache is reset).
+    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward(x, pos),
+            Weights::Qwen2(m) => m.forward(x, pos),
+        }
+    }
+}
+
+/// Architectures (`general.architecture`) that load.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
 /// A loaded text model with its tokenizer and chat template.
 pub struct TextModel {
-    weights: ModelWeights,
+    weights: Weights,
     tokenizer: tokenizers::Tokenizer,
     special: SpecialTokens,
     template: ChatTemplate,
@@ -165,8 +196,8 @@ fn requantize_q4_1<R: Read + Seek>(
 }
 
 impl TextModel {
-    /// Loads a GGUF text model of the llama family (llama, qwen2 layouts via candle's quantized
-    /// llama) on the CPU.
+    /// Loads a quantized GGUF text model of the llama family (`llama` or `qwen2` architecture,
+    /// through candle-transformers' quantized implementations) on the CPU.
     pub fn load(path: &Path, requantize: Requantize) -> Result<TextModel, ModelError> {
         let device = Device::Cpu;
         let digest = file_digest(path).map_err(|e| load_err(path, e))?;
@@ -174,10 +205,13 @@ impl TextModel {
         let ct = gguf_file::Content::read(&mut file).map_err(|e| load_err(path, e))?;
         let md_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
         let architecture = md_str("general.architecture").unwrap_or_default();
-        if architecture != "llama" {
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(load_err(
                 path,
-                format!("architecture {architecture:?} is not supported (llama is)"),
+                format!(
+                    "architecture {architecture:?} is not supported (supported: {})",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                ),
             ));
         }
         let (tokenizer, special) = tokenizer::from_gguf(&ct).map_err(|e| load_err(path, e))?;
@@ -201,9 +235,9 @@ impl TextModel {
         let weights = match requantized {
             Some(mut buf) => {
                 let ct2 = gguf_file::Content::read(&mut buf).map_err(|e| load_err(path, e))?;
-                ModelWeights::from_gguf(ct2, &mut buf, &device)
+                Weights::from_gguf(&architecture, ct2, &mut buf, &device)
             }
-            None => ModelWeights::from_gguf(ct, &mut file, &device),
+            None => Weights::from_gguf(&architecture, ct, &mut file, &device),
         }
         .map_err(|e| load_err(path, e))?;
         let vocab_size = tokenizer.get_vocab_size(true);
