@@ -59,6 +59,10 @@ pub trait Store: Send + Sync + 'static {
     fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<StoredNote>>, StoreError>;
     /// Stores a note durably, replacing any earlier version; returns once it is on disk.
     fn put(&self, note: &StoredNote) -> Result<(), StoreError>;
+    /// Stores several notes in one durable commit (all or none).
+    fn put_many(&self, notes: &[StoredNote]) -> Result<(), StoreError> {
+        notes.iter().try_for_each(|n| self.put(n))
+    }
     /// Up to `limit` notes with ids strictly after `after` (all from the start when `None`), in id
     /// order: the page of a scan.
     fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError>;
