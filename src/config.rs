@@ -164,7 +164,7 @@ impl Default for ModelConfig {
             path: PathBuf::from("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             requantize: Requantize::Q8_0,
             max_new_tokens: 96,
-            context_tokens: 2048,
+            context_tokens: 4096,
             queue_capacity: 64,
         }
     }

@@ -157,11 +157,17 @@ impl Tagger {
             .map_err(|e| match e {
                 ModelError::PromptTooLong { tokens, limit } => Error::invalid(
                     "note.body",
-                    format!("the prompt is {tokens} tokens, over the {limit} the model context leaves; shorten the note"),
+                    format!("the handbook guidance alone is {tokens} tokens, over the {limit} the model context leaves; raise model.context_tokens"),
                 ),
                 ModelError::Cancelled => Error::Cancelled,
                 other => Error::internal(other),
             })?;
+        if out.truncated {
+            warnings.push(format!(
+                "the note was cut to fit the model context ({} tokens with the guidance)",
+                out.generation.prompt_tokens
+            ));
+        }
         let raw_output = format!("{prefix}{}", out.generation.text);
         let parsed = parse_output(&raw_output, category, &self.limits);
         let g = &out.generation;

@@ -58,6 +58,8 @@ pub struct JobOutput {
     pub generation: Generation,
     /// Time spent waiting in the queue.
     pub queue: Duration,
+    /// Whether the end of the note was cut to fit the context.
+    pub truncated: bool,
 }
 
 /// Why a job was not accepted.
@@ -198,18 +200,24 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
         }
         let queue = job.enqueued.elapsed();
         let reply = &job.reply;
+        let room = cfg.context_tokens.saturating_sub(job.max_new_tokens);
         let result = model
-            .encode_chat(&job.messages, &job.assistant_prefix)
-            .and_then(|prompt| {
+            .encode_chat_within(&job.messages, &job.assistant_prefix, room)
+            .and_then(|(prompt, truncated)| {
                 let params = GenParams {
                     max_new_tokens: job.max_new_tokens,
                     context_tokens: cfg.context_tokens,
                     assistant_prefix: job.assistant_prefix.clone(),
                     stop_at_json_end: true,
                 };
-                model.generate(&prompt, &params, &|| reply.is_closed())
-            })
-            .map(|generation| JobOutput { generation, queue });
+                model
+                    .generate(&prompt, &params, &|| reply.is_closed())
+                    .map(|generation| JobOutput {
+                        generation,
+                        queue,
+                        truncated,
+                    })
+            });
         let _ = job.reply.send(result);
     }
     state.send_replace(EngineState::Failed("engine stopped".into()));

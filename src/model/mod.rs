@@ -280,6 +280,59 @@ impl TextModel {
         Ok(ids)
     }
 
+    /// Like [`TextModel::encode_chat`], but when the prompt exceeds `max_tokens` it cuts the end of
+    /// the last message (where the note's body is) until it fits; returns the ids and whether it
+    /// cut. Errors only when even an empty last message does not fit.
+    pub fn encode_chat_within(
+        &self,
+        messages: &[Message],
+        assistant_prefix: &str,
+        max_tokens: usize,
+    ) -> Result<(Vec<u32>, bool), ModelError> {
+        let ids = self.encode_chat(messages, assistant_prefix)?;
+        if ids.len() <= max_tokens {
+            return Ok((ids, false));
+        }
+        let mut msgs = messages.to_vec();
+        let Some(last) = msgs.len().checked_sub(1) else {
+            return Err(ModelError::PromptTooLong {
+                tokens: ids.len(),
+                limit: max_tokens,
+            });
+        };
+        let content = self
+            .tokenizer
+            .encode(msgs[last].content.as_str(), false)
+            .map_err(rt)?;
+        let content_ids = content.get_ids();
+        let mut excess = ids.len() - max_tokens;
+        // Token boundaries can shift when text is re-encoded: cut, re-check, cut a little more.
+        for _ in 0..4 {
+            let keep = content_ids.len().saturating_sub(excess + 4);
+            if keep == 0 {
+                break;
+            }
+            let mut cut = self
+                .tokenizer
+                .decode(&content_ids[..keep], false)
+                .map_err(rt)?;
+            // A cut may end inside a multi-byte character, which decodes as U+FFFD: drop it.
+            while cut.ends_with('\u{FFFD}') {
+                cut.pop();
+            }
+            msgs[last].content = cut;
+            let ids = self.encode_chat(&msgs, assistant_prefix)?;
+            if ids.len() <= max_tokens {
+                return Ok((ids, true));
+            }
+            excess += ids.len() - max_tokens;
+        }
+        Err(ModelError::PromptTooLong {
+            tokens: ids.len(),
+            limit: max_tokens,
+        })
+    }
+
     /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         let input = Tensor::new(tokens, &self.device)

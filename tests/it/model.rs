@@ -103,3 +103,24 @@ fn logits_match_llama_cpp() {
         eprintln!("{mode:?}: worst |logit diff| vs llama.cpp over top-64 = {worst:.4}");
     }
 }
+
+/// A note too long for the context is cut at the end of the last message (the note's body); the
+/// beginning of the prompt (template, guidance) is untouched.
+#[test]
+fn long_notes_are_cut_to_fit() {
+    use tagllm::model::chat::Message;
+    let model = TextModel::load(&model_path(), Requantize::Q8_0).unwrap();
+    let long = format!("Body: {}", "穿着很舒服，通勤必备。".repeat(200));
+    let msgs = vec![Message::new("system", "Tag the note."), Message::new("user", long)];
+    let full = model.encode_chat(&msgs, "{\"").unwrap();
+    assert!(full.len() > 1000);
+    let (ids, cut) = model.encode_chat_within(&msgs, "{\"", 300).unwrap();
+    assert!(cut);
+    assert!(ids.len() <= 300 && ids.len() > 250, "{}", ids.len());
+    assert_eq!(ids[..20], full[..20]);
+    // The assistant prefix is still at the end.
+    let tail = model.tokenizer().decode(&ids[ids.len() - 8..], false).unwrap();
+    assert!(tail.ends_with("assistant\n{\""), "{tail:?}");
+    let (short, cut) = model.encode_chat_within(&msgs[..1], "", 300).unwrap();
+    assert!(!cut && short.len() < 300);
+}
