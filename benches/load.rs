@@ -12,8 +12,8 @@
 //!     cargo bench --bench load                      # defaults below
 //!     cargo bench --bench load -- --tag-notes 0     # feature reads only
 //!
-//! Flags: --tag-notes N (6), --notes N (10000), --batch N (500), --requests N (2000),
-//! --concurrency N (4).
+//! Flags: --tag-notes N (6), --notes N (10000), --batch N (500), --requests N (2000; 0 skips
+//! phase 2), --concurrency N (4), --requantize none|q8_0 (q8_0).
 
 use std::{
     path::Path,
@@ -34,6 +34,7 @@ use tagllm::{
 use tonic::transport::Channel;
 
 struct Args {
+    requantize: Requantize,
     tag_notes: usize,
     notes: usize,
     batch: usize,
@@ -43,6 +44,7 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut a = Args {
+        requantize: Requantize::Q8_0,
         tag_notes: 6,
         notes: 10_000,
         batch: 500,
@@ -59,6 +61,13 @@ fn parse_args() -> Args {
             "--batch" => a.batch = val().expect("--batch N"),
             "--requests" => a.requests = val().expect("--requests N"),
             "--concurrency" => a.concurrency = val().expect("--concurrency N"),
+            "--requantize" => {
+                a.requantize = match argv.get(i + 1).map(String::as_str) {
+                    Some("none") => Requantize::None,
+                    Some("q8_0") => Requantize::Q8_0,
+                    other => panic!("--requantize none|q8_0, got {other:?}"),
+                }
+            }
             _ => {
                 i += 1; // cargo passes --bench; ignore unknown flags
                 continue;
@@ -204,6 +213,7 @@ fn main() {
         ..Config::default()
     };
     cfg.model.path = root().join(&cfg.model.path);
+    cfg.model.requantize = args.requantize;
     cfg.limits.max_ids_per_request = cfg.limits.max_ids_per_request.max(args.batch);
     let handbook = Handbook::load(&cfg.handbook).unwrap();
     println!(
@@ -300,6 +310,11 @@ fn main() {
         }
 
         // Phase 2: feature reads.
+        if args.requests == 0 || args.notes == 0 {
+            let _ = stop_tx.send(());
+            server.await.unwrap().unwrap();
+            return;
+        }
         let ids: Arc<Vec<String>> = Arc::new((0..args.notes).map(|i| format!("note-{i:07}")).collect());
         let ch = connect(addr).await;
         let mut warm = pb::feature_service_client::FeatureServiceClient::new(ch.clone());

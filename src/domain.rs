@@ -16,23 +16,26 @@ pub struct NoteId(String);
 impl NoteId {
     /// Validates `raw` as the note id found in request field `field`.
     pub fn parse(raw: &str, field: &str, limits: &Limits) -> Result<NoteId> {
+        NoteId::check(raw, limits).map_err(|reason| Error::invalid(field, reason))?;
+        Ok(NoteId(raw.to_string()))
+    }
+
+    /// Checks `raw` without allocating (the batch-read hot path); `Err` holds the reason.
+    pub fn check(raw: &str, limits: &Limits) -> Result<(), String> {
         if raw.is_empty() {
-            return Err(Error::invalid(field, "must not be empty"));
+            return Err("must not be empty".into());
         }
         if raw.len() > limits.max_note_id_bytes {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "is {} bytes, over the limit of {}",
-                    raw.len(),
-                    limits.max_note_id_bytes
-                ),
+            return Err(format!(
+                "is {} bytes, over the limit of {}",
+                raw.len(),
+                limits.max_note_id_bytes
             ));
         }
         if raw.chars().any(char::is_control) {
-            return Err(Error::invalid(field, "must not contain control characters"));
+            return Err("must not contain control characters".into());
         }
-        Ok(NoteId(raw.to_string()))
+        Ok(())
     }
 
     /// The id as a string.

@@ -60,7 +60,8 @@ impl FeatureApi {
             ));
         }
         for (i, id) in req.note_ids.iter().enumerate() {
-            NoteId::parse(id, &format!("note_ids[{i}]"), &self.limits)?;
+            NoteId::check(id, &self.limits)
+                .map_err(|reason| Error::invalid(format!("note_ids[{i}]"), reason))?;
         }
         let layout = pb::Layout::try_from(req.layout)
             .map_err(|_| Error::invalid("layout", format!("unknown layout {}", req.layout)))?;

@@ -111,7 +111,10 @@ fn long_notes_are_cut_to_fit() {
     use tagllm::model::chat::Message;
     let model = TextModel::load(&model_path(), Requantize::Q8_0).unwrap();
     let long = format!("Body: {}", "穿着很舒服，通勤必备。".repeat(200));
-    let msgs = vec![Message::new("system", "Tag the note."), Message::new("user", long)];
+    let msgs = vec![
+        Message::new("system", "Tag the note."),
+        Message::new("user", long),
+    ];
     let full = model.encode_chat(&msgs, "{\"").unwrap();
     assert!(full.len() > 1000);
     let (ids, cut) = model.encode_chat_within(&msgs, "{\"", 300).unwrap();
@@ -119,7 +122,10 @@ fn long_notes_are_cut_to_fit() {
     assert!(ids.len() <= 300 && ids.len() > 250, "{}", ids.len());
     assert_eq!(ids[..20], full[..20]);
     // The assistant prefix is still at the end.
-    let tail = model.tokenizer().decode(&ids[ids.len() - 8..], false).unwrap();
+    let tail = model
+        .tokenizer()
+        .decode(&ids[ids.len() - 8..], false)
+        .unwrap();
     assert!(tail.ends_with("assistant\n{\""), "{tail:?}");
     let (short, cut) = model.encode_chat_within(&msgs[..1], "", 300).unwrap();
     assert!(!cut && short.len() < 300);
