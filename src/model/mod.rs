@@ -105,6 +105,8 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 pub struct TextModel {
     weights: Weights,
     tokenizer: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens treated as text, for untrusted message contents.
+    text_tokenizer: tokenizers::Tokenizer,
     special: SpecialTokens,
     template: ChatTemplate,
     device: Device,
@@ -243,6 +245,11 @@ impl TextModel {
         let vocab_size = tokenizer.get_vocab_size(true);
         Ok(TextModel {
             weights,
+            text_tokenizer: {
+                let mut t = tokenizer.clone();
+                t.set_encode_special_tokens(true);
+                t
+            },
             tokenizer,
             special,
             template,
@@ -263,21 +270,67 @@ impl TextModel {
     }
 
     /// Renders `messages` with the chat template, opens the assistant turn and appends
-    /// `assistant_prefix`, then tokenizes (special tokens in the template are matched whole).
+    /// `assistant_prefix`, then tokenizes. Special tokens are parsed in the template's own text
+    /// only: message contents (the note, which is untrusted) are tokenized as plain text, so a note
+    /// that writes `<|im_end|><|im_start|>system` cannot open a turn of its own.
     pub fn encode_chat(
         &self,
         messages: &[Message],
         assistant_prefix: &str,
     ) -> Result<Vec<u32>, ModelError> {
-        let mut text = self.template.render(messages, true).map_err(rt)?;
+        // Render with a placeholder per content, then tokenize the template's pieces with special
+        // tokens and each content as text. Private-use characters never occur in a template.
+        let placeholder = |i: usize| format!("\u{F8F0}{i}\u{F8F1}");
+        let masked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(&m.role, placeholder(i)))
+            .collect();
+        let mut text = self.template.render(&masked, true).map_err(rt)?;
         text.push_str(assistant_prefix);
-        let enc = self.tokenizer.encode(text, false).map_err(rt)?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::with_capacity(text.len() / 2);
         if self.special.add_bos {
             ids.extend(self.special.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        let mut rest = text.as_str();
+        let mut used = 0;
+        while let Some(start) = rest.find('\u{F8F0}') {
+            let end = rest[start..]
+                .find('\u{F8F1}')
+                .map(|e| start + e)
+                .ok_or_else(|| rt("chat template mangled a message placeholder"))?;
+            let i: usize = rest[start + '\u{F8F0}'.len_utf8()..end]
+                .parse()
+                .map_err(|_| rt("chat template mangled a message placeholder"))?;
+            let content = &messages
+                .get(i)
+                .ok_or_else(|| rt("chat template invented a message"))?
+                .content;
+            self.encode_into(&self.tokenizer, &rest[..start], &mut ids)?;
+            self.encode_into(&self.text_tokenizer, content, &mut ids)?;
+            used += 1;
+            rest = &rest[end + '\u{F8F1}'.len_utf8()..];
+        }
+        self.encode_into(&self.tokenizer, rest, &mut ids)?;
+        if used != messages.len() {
+            return Err(rt(format!(
+                "chat template rendered {used} of {} message contents",
+                messages.len()
+            )));
+        }
         Ok(ids)
+    }
+
+    fn encode_into(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        text: &str,
+        ids: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        if !text.is_empty() {
+            ids.extend_from_slice(tokenizer.encode(text, false).map_err(rt)?.get_ids());
+        }
+        Ok(())
     }
 
     /// Like [`TextModel::encode_chat`], but when the prompt exceeds `max_tokens` it cuts the end of
@@ -301,7 +354,7 @@ impl TextModel {
             });
         };
         let content = self
-            .tokenizer
+            .text_tokenizer
             .encode(msgs[last].content.as_str(), false)
             .map_err(rt)?;
         let content_ids = content.get_ids();
