@@ -59,6 +59,27 @@ pub enum Requantize {
     Q8_0,
 }
 
+/// How tags are decoded.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decoding {
+    /// Greedy under the category's grammar (handbook keys only, bounded counts and lengths) with
+    /// no repeated values: every answer parses.
+    Constrained,
+    /// Greedy, free; the lenient parser keeps what it can. For comparison and debugging.
+    Unconstrained,
+}
+
+impl Decoding {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decoding::Constrained => "constrained",
+            Decoding::Unconstrained => "unconstrained",
+        }
+    }
+}
+
 /// Model and generation settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -67,6 +88,8 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// Weight format in memory.
     pub requantize: Requantize,
+    /// `constrained` (default) or `unconstrained`.
+    pub decoding: Decoding,
     /// Generation stops after this many new tokens.
     pub max_new_tokens: usize,
     /// Prompt plus generation may not exceed this many tokens.
@@ -163,6 +186,7 @@ impl Default for ModelConfig {
         ModelConfig {
             path: PathBuf::from("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             requantize: Requantize::Q8_0,
+            decoding: Decoding::Constrained,
             max_new_tokens: 96,
             context_tokens: 4096,
             queue_capacity: 64,
@@ -183,7 +207,7 @@ impl Default for Limits {
             max_ids_per_request: 5000,
             max_tags_per_dimension: 3,
             max_tags_per_note: 24,
-            max_tag_chars: 32,
+            max_tag_chars: 24,
         }
     }
 }
@@ -274,6 +298,12 @@ impl Config {
             if v == 0 {
                 return bad(field, "must be at least 1");
             }
+        }
+        if self.model.decoding == Decoding::Constrained && self.model.max_new_tokens < 32 {
+            return bad(
+                "model.max_new_tokens",
+                "constrained decoding needs at least 32 to close its answer in time",
+            );
         }
         if self.model.context_tokens < self.model.max_new_tokens + 16 {
             return bad(

@@ -8,8 +8,10 @@
 //! - [`domain`]: `Note`, `NoteId`, `Tag`, request limits: plain types and pure logic.
 //! - [`handbook`]: the User Interest Handbook: load, validate, render a category's guidance.
 //! - [`prompt`]: note + handbook entry -> chat messages -> prompt text (the model's chat template).
-//! - [`model`]: candle only: GGUF loading, the tokenizer from GGUF metadata, greedy generation, and
-//!   the engine thread that owns the model.
+//! - [`grammar`]: handbook entry + limits -> the grammar every answer must follow.
+//! - [`model`]: candle only: GGUF loading, the tokenizer from GGUF metadata, greedy generation
+//!   (constrained by the grammar through llguidance, or free), and the engine thread that owns
+//!   the model.
 //! - [`tags`]: model output -> normalized, deduplicated, handbook-checked tags.
 //! - [`features`]: the feature schema, tag -> embedding id (vocabulary or stable hash), multi-hot.
 //! - [`store`]: the durable embedded store (redb) and the moka cache in front of it.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod features;
+pub mod grammar;
 pub mod grpc;
 pub mod handbook;
 pub mod model;

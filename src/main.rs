@@ -1,5 +1,7 @@
 //! `tagllm`: serve (`tagllm serve`) or tag one note without a server (`tagllm tag note.json`).
 
+mod eval;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -20,6 +22,21 @@ struct Cli {
 enum Command {
     /// Run the gRPC server.
     Serve(ServeArgs),
+    /// Tag every note of a JSONL file with each decoding mode and report output validity,
+    /// redundancy and speed (no server, no store).
+    Eval {
+        /// Notes, one JSON object per line (extra fields such as `lang` and `injection` are read
+        /// for the report).
+        notes: PathBuf,
+        /// Decoding modes to compare.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["constrained".to_string(), "unconstrained".to_string()])]
+        decoding: Vec<String>,
+        /// Print one JSON line per note too.
+        #[arg(long)]
+        verbose: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
     /// no store.
     Tag {
@@ -97,6 +114,17 @@ fn main() -> anyhow::Result<()> {
                 server::run(cfg, listener, server::shutdown_signal()).await
             })
         }
+        Command::Eval {
+            notes,
+            decoding,
+            verbose,
+            common,
+        } => {
+            let cfg = load_config(&common)?;
+            server::init_logging(&cfg.log);
+            cfg.validate()?;
+            rt.block_on(eval::run(cfg, notes, decoding, verbose))
+        }
         Command::Tag { note, common } => {
             let cfg = load_config(&common)?;
             server::init_logging(&cfg.log);
@@ -114,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async move {
                 let (engine, _thread) = server::start_engine(&cfg)?;
                 engine.wait_ready().await.map_err(anyhow::Error::msg)?;
-                let tagger = Tagger::new(handbook, engine, cfg.limits.clone(), cfg.model.max_new_tokens);
+                let tagger = Tagger::new(handbook, engine, cfg.limits.clone(), &cfg.model);
                 let run = tagger.run(&note).await?;
                 let features = schema.features(&run.parsed.tags);
                 let groups: serde_json::Map<String, serde_json::Value> = schema

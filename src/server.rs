@@ -90,7 +90,7 @@ pub async fn run(
         handbook.clone(),
         engine.clone(),
         cfg.limits.clone(),
-        cfg.model.max_new_tokens,
+        &cfg.model,
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,14 +1,15 @@
 //! The tagging use case: resolve the handbook entry, build the prompt, run the engine, parse and
 //! normalize the tags; and, for the service, idempotency and the durable write.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use tokio::sync::oneshot;
 
 use crate::{
-    config::Limits,
+    config::{Decoding, Limits, ModelConfig},
     domain::{now_ms, ImageRef, Note, Versions},
     error::{Error, Result},
+    grammar,
     handbook::Handbook,
     model::{
         engine::{EngineHandle, Job, SubmitError},
@@ -16,7 +17,7 @@ use crate::{
     },
     prompt,
     store::{CachedNote, NoteCache, StoredNote},
-    tags::{parse_output, Parsed},
+    tags::{apply_scores, parse_output, Parsed},
 };
 
 /// Where the time of one tagging went.
@@ -34,6 +35,10 @@ pub struct Timings {
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub generated_tokens: u32,
+    /// Grammar compile time (0 when cached or unconstrained).
+    pub grammar_compile_ms: f64,
+    /// Mean time to compute a token mask (µs; 0 unconstrained).
+    pub mask_us: f64,
 }
 
 /// One fresh tagging run (no store involved).
@@ -77,6 +82,9 @@ pub struct Tagger {
     engine: EngineHandle,
     limits: Limits,
     max_new_tokens: usize,
+    decoding: Decoding,
+    /// Category key -> its answer grammar (built once; the engine compiles and caches it).
+    grammars: Arc<HashMap<String, Arc<str>>>,
 }
 
 fn submit_error(e: SubmitError) -> Error {
@@ -92,13 +100,19 @@ impl Tagger {
         handbook: Arc<Handbook>,
         engine: EngineHandle,
         limits: Limits,
-        max_new_tokens: usize,
+        model: &ModelConfig,
     ) -> Tagger {
+        let grammars = std::iter::once(&handbook.fallback)
+            .chain(&handbook.categories)
+            .map(|c| (c.key.clone(), Arc::from(grammar::tag_grammar(c, &limits))))
+            .collect();
         Tagger {
             handbook,
             engine,
             limits,
-            max_new_tokens,
+            max_new_tokens: model.max_new_tokens,
+            decoding: model.decoding,
+            grammars: Arc::new(grammars),
         }
     }
 
@@ -116,7 +130,12 @@ impl Tagger {
     pub fn versions(&self) -> Result<Versions> {
         let info = self.engine.info().map_err(submit_error)?;
         Ok(Versions {
-            model: format!("{}/p{}", info.version, prompt::PROMPT_VERSION),
+            model: format!(
+                "{}/p{}/{}",
+                info.version,
+                prompt::PROMPT_VERSION,
+                self.decoding.as_str()
+            ),
             handbook: self.handbook.version.clone(),
         })
     }
@@ -140,13 +159,17 @@ impl Tagger {
                 note.category, self.handbook.version, category.key
             ));
         }
-        let prefix = prompt::assistant_prefix(category);
+        let (prefix, grammar) = match self.decoding {
+            Decoding::Constrained => (String::new(), self.grammars.get(&category.key).cloned()),
+            Decoding::Unconstrained => (prompt::assistant_prefix(category), None),
+        };
         let (tx, rx) = oneshot::channel();
         self.engine
             .try_submit(Job {
                 messages: prompt::messages(note, category, &self.limits),
                 max_new_tokens: self.max_new_tokens,
                 assistant_prefix: prefix.clone(),
+                grammar,
                 enqueued: Instant::now(),
                 reply: tx,
             })
@@ -169,7 +192,8 @@ impl Tagger {
             ));
         }
         let raw_output = format!("{prefix}{}", out.generation.text);
-        let parsed = parse_output(&raw_output, category, &self.limits);
+        let mut parsed = parse_output(&raw_output, category, &self.limits);
+        apply_scores(&mut parsed.tags, &out.generation.values);
         let g = &out.generation;
         Ok(TagRun {
             parsed,
@@ -183,6 +207,8 @@ impl Tagger {
                 total_ms: 0.0,
                 prompt_tokens: g.prompt_tokens as u32,
                 generated_tokens: g.generated_tokens as u32,
+                grammar_compile_ms: g.grammar_compile_ms,
+                mask_us: g.mask_us,
             },
             images_used: if info.multimodal {
                 note.images

@@ -45,6 +45,8 @@ pub struct Job {
     pub max_new_tokens: usize,
     /// Opening of the assistant turn (continued by generation).
     pub assistant_prefix: String,
+    /// Grammar of the answer (`None`: unconstrained).
+    pub grammar: Option<Arc<str>>,
     /// When it was queued.
     pub enqueued: Instant,
     /// Where the result goes; a closed receiver means the caller left, and the job is dropped.
@@ -179,6 +181,7 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
                 context_tokens: cfg.context_tokens,
                 assistant_prefix: String::new(),
                 stop_at_json_end: false,
+                grammar: None,
             };
             model.generate(&p, &params, &|| false)
         });
@@ -209,6 +212,7 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
                     context_tokens: cfg.context_tokens,
                     assistant_prefix: job.assistant_prefix.clone(),
                     stop_at_json_end: true,
+                    grammar: job.grammar.clone(),
                 };
                 model
                     .generate(&prompt, &params, &|| reply.is_closed())

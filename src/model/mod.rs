@@ -3,6 +3,7 @@
 //! thread ([`engine`]); nothing here runs on a Tokio worker.
 
 pub mod chat;
+pub mod constrain;
 pub mod engine;
 pub mod tokenizer;
 
@@ -10,6 +11,7 @@ use std::{
     fs::File,
     io::{Cursor, Read, Seek},
     path::Path,
+    sync::Arc,
     time::Instant,
 };
 
@@ -21,6 +23,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use sha2::{Digest, Sha256};
 
 use crate::config::Requantize;
+use crate::tags::ValueTracker;
 use chat::{ChatTemplate, Message, CHATML};
 use tokenizer::SpecialTokens;
 
@@ -46,6 +49,9 @@ pub enum ModelError {
     /// The caller went away.
     #[error("cancelled")]
     Cancelled,
+    /// The grammar did not compile, or the constrained parser failed.
+    #[error("{0}")]
+    Constraint(#[from] constrain::ConstraintError),
     /// candle, the tokenizer or the template failed at run time.
     #[error("model: {0}")]
     Runtime(String),
@@ -109,6 +115,7 @@ pub struct TextModel {
     text_tokenizer: tokenizers::Tokenizer,
     special: SpecialTokens,
     template: ChatTemplate,
+    constrainer: constrain::Constrainer,
     device: Device,
     /// What it is.
     pub info: ModelInfo,
@@ -127,6 +134,12 @@ pub struct Generation {
     pub prefill_ms: f64,
     /// Decode wall time.
     pub decode_ms: f64,
+    /// Tag values as written, with their confidence.
+    pub values: Vec<crate::tags::ScoredValue>,
+    /// Grammar compile time (0 without a grammar or when cached).
+    pub grammar_compile_ms: f64,
+    /// Mean time to compute one token mask (µs; 0 without a grammar).
+    pub mask_us: f64,
 }
 
 /// How to stop generating.
@@ -141,6 +154,8 @@ pub struct GenParams {
     pub assistant_prefix: String,
     /// Stop once `assistant_prefix + text` holds a complete top-level JSON object.
     pub stop_at_json_end: bool,
+    /// Lark grammar the output must follow ([`crate::grammar`]); `None` decodes freely.
+    pub grammar: Option<Arc<str>>,
 }
 
 fn load_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
@@ -243,6 +258,8 @@ impl TextModel {
         }
         .map_err(|e| load_err(path, e))?;
         let vocab_size = tokenizer.get_vocab_size(true);
+        let constrainer = constrain::Constrainer::new(&tokenizer, &special.stop)
+            .map_err(|e| load_err(path, e))?;
         Ok(TextModel {
             weights,
             text_tokenizer: {
@@ -253,6 +270,7 @@ impl TextModel {
             tokenizer,
             special,
             template,
+            constrainer,
             device,
             info: ModelInfo {
                 version: format!("{stem}@{}:{format}", &digest[..12]),
@@ -262,6 +280,11 @@ impl TextModel {
                 vocab_size,
             },
         })
+    }
+
+    /// The grammar compiler for this model's tokenizer.
+    pub fn constrainer(&mut self) -> &mut constrain::Constrainer {
+        &mut self.constrainer
     }
 
     /// The tokenizer.
@@ -422,33 +445,74 @@ impl TextModel {
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let mut out: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
-        let mut text = String::new();
+        let mut tracker = ValueTracker::default();
+        tracker.push(params.assistant_prefix.as_bytes(), None);
+        let (mut constraint, grammar_compile_ms) = match &params.grammar {
+            Some(g) => {
+                let (c, ms) = self.constrainer.start(g)?;
+                (Some(c), ms)
+            }
+            None => (None, 0.0),
+        };
+        let tok_env = self.constrainer.tok_env().clone();
         while out.len() < params.max_new_tokens {
             if cancelled() {
                 return Err(ModelError::Cancelled);
             }
-            let next = argmax(&logits);
+            let left = params.max_new_tokens - out.len();
+            let next = match constraint.as_mut() {
+                Some(c) => match c.choose(&logits, &tracker, left)? {
+                    Some(t) => t,
+                    None => break,
+                },
+                None => argmax(&logits),
+            };
             if self.special.stop.contains(&next) {
                 break;
             }
+            tracker.push(
+                tok_env.tok_trie().token(next),
+                Some(log_prob(&logits, next)),
+            );
+            if let Some(c) = constraint.as_mut() {
+                c.consume(next, &tracker)?;
+            }
             out.push(next);
-            text = self.tokenizer.decode(&out, true).map_err(rt)?;
-            if params.stop_at_json_end && json_object_closed(&params.assistant_prefix, &text) {
-                break;
+            if params.stop_at_json_end && constraint.is_none() {
+                let text = self.tokenizer.decode(&out, true).map_err(rt)?;
+                if json_object_closed(&params.assistant_prefix, &text) {
+                    break;
+                }
             }
             if out.len() == params.max_new_tokens {
                 break;
             }
             logits = self.forward(&[next], prompt.len() + out.len() - 1)?;
         }
+        let text = self.tokenizer.decode(&out, true).map_err(rt)?;
+        let mask_us = constraint
+            .as_ref()
+            .filter(|c| c.steps > 0)
+            .map(|c| c.mask_us / c.steps as f64)
+            .unwrap_or(0.0);
         Ok(Generation {
             text,
             prompt_tokens: prompt.len(),
             generated_tokens: out.len(),
             prefill_ms,
             decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+            values: tracker.values().to_vec(),
+            grammar_compile_ms,
+            mask_us,
         })
     }
+}
+
+/// Log-probability of `token` under the softmax of `logits`.
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits[token as usize] - max - sum.ln()
 }
 
 /// Index of the largest logit (the first on ties, as llama.cpp's greedy sampler).

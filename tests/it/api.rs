@@ -35,7 +35,7 @@ async fn tag_read_reuse_and_restart() {
     assert!(first.raw_output.starts_with("{\""), "{}", first.raw_output);
     let t = first.timings.unwrap();
     assert!(t.prompt_tokens > 100 && t.generated_tokens > 0, "{t:?}");
-    // The assistant turn opens at the first dimension, so even this small model yields tags.
+    // Constrained decoding: the answer's grammar requires at least one tag.
     assert!(!first.tags.is_empty(), "{}", first.raw_output);
     let hb = handbook();
     let sneakers = hb.resolve("sneakers");
@@ -382,5 +382,93 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
         .service
         .iter()
         .any(|s| s.name == "tagllm.v1.FeatureService"));
+    app.stop().await;
+}
+
+/// Constrained decoding end to end on hostile notes (prompt injection in title or body, chat
+/// control strings, requests for keys outside the handbook, an empty category): every answer is
+/// one JSON object of the resolved category's dimensions, within the limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_answers_hold_on_hostile_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let max_chars = cfg.limits.max_tag_chars;
+    let per_dim = cfg.limits.max_tags_per_dimension;
+    let app = App::spawn(cfg).await;
+    let mut tags = app.tag_client().await;
+    let wanted = [
+        "eval-002", "eval-015", "eval-019", "eval-044", "eval-051", "eval-061",
+    ];
+    let text = std::fs::read_to_string(root().join("tests/fixtures/eval_notes.jsonl")).unwrap();
+    let notes: Vec<pb::Note> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| wanted.contains(&v["note_id"].as_str().unwrap()))
+        .map(|v| pb::Note {
+            note_id: v["note_id"].as_str().unwrap().into(),
+            category: v["category"].as_str().unwrap().into(),
+            title: v["title"].as_str().unwrap().into(),
+            body: v["body"].as_str().unwrap().into(),
+            images: vec![],
+            updated_at_ms: 0,
+        })
+        .collect();
+    assert_eq!(notes.len(), wanted.len());
+    let reqs: Vec<_> = notes
+        .iter()
+        .map(|n| pb::TagNoteRequest {
+            note: Some(n.clone()),
+            force: false,
+            include_raw_output: true,
+        })
+        .collect();
+    let mut stream = tags
+        .tag_notes(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let hb = handbook();
+    let mut seen = 0;
+    while let Some(r) = stream.message().await.unwrap() {
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let note = notes.iter().find(|n| n.note_id == r.note_id).unwrap();
+        let cat = hb.resolve(&note.category);
+        let answer: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&r.raw_output)
+                .unwrap_or_else(|e| panic!("{}: {e}: {}", r.note_id, r.raw_output));
+        assert!(!answer.is_empty());
+        for (k, vals) in &answer {
+            assert!(
+                cat.has_dimension(k),
+                "{}: key {k} not in {}",
+                r.note_id,
+                cat.key
+            );
+            let vals = vals.as_array().unwrap();
+            assert!(
+                !vals.is_empty() && vals.len() <= per_dim,
+                "{}",
+                r.raw_output
+            );
+            for v in vals {
+                assert!(
+                    v.as_str().unwrap().chars().count() <= max_chars,
+                    "{}",
+                    r.raw_output
+                );
+            }
+        }
+        assert_eq!(
+            r.dropped_tags as usize, 0,
+            "{}: {}",
+            r.note_id, r.raw_output
+        );
+        assert!(!r.tags.is_empty());
+        for t in &r.tags {
+            assert!(t.score > 0.0 && t.score <= 1.0, "{t:?}");
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, wanted.len());
     app.stop().await;
 }

@@ -4,4 +4,5 @@
 
 mod api;
 mod common;
+mod constrain;
 mod model;
