@@ -5,8 +5,9 @@
 //! On top of the grammar's mask, two decoding rules:
 //! - **no repeated values**: a token that would close a value equal (after normalization) to one
 //!   already written for this note is masked, unless nothing else is allowed;
-//! - **closing in time**: when few new tokens are left, only tokens that close strings, lists and
-//!   the object are allowed wherever the grammar permits one, so the answer always ends well-formed.
+//! - **closing in time**: when few new tokens are left, only tokens that close the value, the list
+//!   or the object are allowed wherever the grammar permits one, so the answer always ends
+//!   well-formed.
 
 use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Instant};
 
@@ -29,7 +30,9 @@ pub struct Constrainer {
     cache: HashMap<Arc<str>, Matcher>,
     /// Tokens whose bytes contain `"`, with the bytes before the first one.
     quote_tokens: Arc<Vec<(TokenId, Vec<u8>)>>,
-    /// Tokens made only of `"`, `]`, `}` and spaces: the ones that close an answer.
+    /// Tokens that close the value being written: `"` then only `"`, `]`, `}`.
+    value_closers: Arc<SimpleVob>,
+    /// Tokens that close lists and the object: `]` or `}` then only `"`, `]`, `}`.
     closers: Arc<SimpleVob>,
     /// End-of-turn tokens.
     eos: Arc<SimpleVob>,
@@ -64,6 +67,7 @@ impl Constrainer {
         let n = trie.vocab_size();
         let mut quote_tokens = Vec::new();
         let mut closers = SimpleVob::alloc(n);
+        let mut value_closers = SimpleVob::alloc(n);
         for id in 0..n as TokenId {
             let bytes = trie.token(id);
             if bytes.is_empty() || bytes[0] == 0xFF {
@@ -72,8 +76,12 @@ impl Constrainer {
             if let Some(q) = bytes.iter().position(|&b| b == b'"') {
                 quote_tokens.push((id, bytes[..q].to_vec()));
             }
-            if bytes.iter().all(|b| matches!(b, b'"' | b']' | b'}' | b' ')) {
-                closers.allow_token(id);
+            if bytes.iter().all(|b| matches!(b, b'"' | b']' | b'}')) {
+                if bytes[0] == b'"' {
+                    value_closers.allow_token(id);
+                } else {
+                    closers.allow_token(id);
+                }
             }
         }
         let eos = Arc::new(trie.eos_token_set());
@@ -83,6 +91,7 @@ impl Constrainer {
             tok_env,
             cache: HashMap::new(),
             quote_tokens: Arc::new(quote_tokens),
+            value_closers: Arc::new(value_closers),
             closers: Arc::new(closers),
         })
     }
@@ -109,6 +118,7 @@ impl Constrainer {
             Constraint {
                 matcher,
                 quote_tokens: self.quote_tokens.clone(),
+                value_closers: self.value_closers.clone(),
                 closers: self.closers.clone(),
                 eos: self.eos.clone(),
                 seen: HashSet::new(),
@@ -130,6 +140,7 @@ impl Constrainer {
 pub struct Constraint {
     matcher: Matcher,
     quote_tokens: Arc<Vec<(TokenId, Vec<u8>)>>,
+    value_closers: Arc<SimpleVob>,
     closers: Arc<SimpleVob>,
     eos: Arc<SimpleVob>,
     seen: HashSet<String>,
@@ -178,8 +189,16 @@ impl Constraint {
                 mask = pruned;
             }
         }
-        if left <= CLOSING_MARGIN && !mask.and_is_zero(&self.closers) {
-            mask.and(&self.closers);
+        if left <= CLOSING_MARGIN {
+            // Inside a value `]` and `}` are ordinary characters: only a quote closes it.
+            let closers = if tracker.in_value() {
+                &self.value_closers
+            } else {
+                &self.closers
+            };
+            if !mask.and_is_zero(closers) {
+                mask.and(closers);
+            }
         }
         let mut best: Option<(TokenId, f32)> = None;
         mask.iter_set_entries(|i| {
