@@ -130,11 +130,16 @@ impl Tagger {
     pub fn versions(&self) -> Result<Versions> {
         let info = self.engine.info().map_err(submit_error)?;
         Ok(Versions {
+            // Everything that shapes the answer: weights, prompt, decoding and the tag limits.
             model: format!(
-                "{}/p{}/{}",
+                "{}/p{}/{}/t{}x{}c{}n{}",
                 info.version,
                 prompt::PROMPT_VERSION,
-                self.decoding.as_str()
+                self.decoding.as_str(),
+                self.limits.max_tags_per_dimension,
+                self.limits.max_tags_per_note,
+                self.limits.max_tag_chars,
+                self.max_new_tokens,
             ),
             handbook: self.handbook.version.clone(),
         })
@@ -178,10 +183,10 @@ impl Tagger {
             .await
             .map_err(|_| Error::Unavailable("the engine stopped".into()))?
             .map_err(|e| match e {
-                ModelError::PromptTooLong { tokens, limit } => Error::invalid(
-                    "note.body",
-                    format!("the handbook guidance alone is {tokens} tokens, over the {limit} the model context leaves; raise model.context_tokens"),
-                ),
+                // Notes are cut to fit; only the guidance itself can be too long: a config problem.
+                ModelError::PromptTooLong { tokens, limit } => Error::internal(format!(
+                    "the handbook guidance alone is {tokens} tokens, over the {limit} the model context leaves; raise model.context_tokens"
+                )),
                 ModelError::Cancelled => Error::Cancelled,
                 other => Error::internal(other),
             })?;
