@@ -472,3 +472,55 @@ async fn constrained_answers_hold_on_hostile_notes() {
     assert_eq!(seen, wanted.len());
     app.stop().await;
 }
+
+/// A model that fails to load leaves tagging UNAVAILABLE (health NOT_SERVING) while feature reads
+/// keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_model_degrades_to_feature_reads_only() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF this is not a model").unwrap();
+    let mut cfg = test_config(&dir.path().join("data"));
+    cfg.model.path = bad;
+    let app = App::spawn_until(cfg, "tagllm.v1.FeatureService").await;
+    let mut feats = app.feature_client().await;
+    let r = feats
+        .get_note_features(pb::GetNoteFeaturesRequest {
+            note_ids: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.notes[0].found);
+    let mut tags = app.tag_client().await;
+    let mut status = tonic::Status::ok("");
+    for _ in 0..100 {
+        status = tags
+            .tag_note(pb::TagNoteRequest {
+                note: Some(fixture_note("travel_1")),
+                force: false,
+                include_raw_output: false,
+            })
+            .await
+            .unwrap_err();
+        if status.message().contains("loading") {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        break;
+    }
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("not ready"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        app.health("tagllm.v1.TagService").await,
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(app.health("").await, ServingStatus::NotServing as i32);
+    app.stop().await;
+}

@@ -49,6 +49,11 @@ pub struct App {
 impl App {
     /// Starts a server on 127.0.0.1:0 and waits until its model is warm (health SERVING).
     pub async fn spawn(cfg: Config) -> App {
+        App::spawn_until(cfg, "").await
+    }
+
+    /// Starts a server and waits until health reports `service` SERVING.
+    pub async fn spawn_until(cfg: Config, service: &str) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -60,7 +65,7 @@ impl App {
             stop: Some(stop),
             join: Some(join),
         };
-        app.wait_serving("").await;
+        app.wait_serving(service).await;
         app
     }
 
@@ -71,6 +76,18 @@ impl App {
             .connect()
             .await
             .unwrap()
+    }
+
+    /// `service`'s health status now.
+    pub async fn health(&self, service: &str) -> i32 {
+        let mut h = HealthClient::new(self.channel().await);
+        h.check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
     }
 
     /// Waits (up to 120 s) for `service`'s health to be SERVING.
