@@ -419,6 +419,20 @@ mod tests {
         assert!(all.ids.iter().all(|&i| (0..1 << 20).contains(&i)));
     }
 
+    /// The ids `models/HANDBOOK.md` shows as examples, on the shipped vocabularies.
+    #[test]
+    fn documented_ids_hold() {
+        let s = schema();
+        let brand = &s.groups[s.group_index("brand").unwrap()];
+        let price = &s.groups[s.group_index("price_band").unwrap()];
+        assert_eq!(brand.id("brand", &normalize("Nike")), Some(0));
+        assert_eq!(brand.id("brand", &normalize("ＡＩＲ  Jordan")), Some(1));
+        assert_eq!(brand.id("brand", &normalize("耐克")), Some(273));
+        assert_eq!(price.id("price_band", &normalize("¥500-1000")), Some(5));
+        assert_eq!(price.id("price_band", &normalize("about 600 yuan")), Some(33));
+        assert_eq!(stable_hash("scene", "通勤"), 7340465014993863816);
+    }
+
     #[test]
     fn schema_errors_name_the_place() {
         let dir = tempfile::tempdir().unwrap();
