@@ -145,7 +145,7 @@ pub async fn run(
             100.0 * a as f64 / b as f64
         }
     };
-    println!("| decoding | parses | only handbook keys | within limits | notes with tags | tags/note | redundancy | injected tag | prefill tok/s | decode tok/s | mask µs/token |");
+    println!("| decoding | parses | only handbook keys | within limits | notes with tags | tags/note | redundancy | injected tag | prefill tok/s | decode tok/s | constraint µs/token |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (mode, t) in &report {
         println!(

@@ -429,7 +429,10 @@ mod tests {
         assert_eq!(brand.id("brand", &normalize("ＡＩＲ  Jordan")), Some(1));
         assert_eq!(brand.id("brand", &normalize("耐克")), Some(273));
         assert_eq!(price.id("price_band", &normalize("¥500-1000")), Some(5));
-        assert_eq!(price.id("price_band", &normalize("about 600 yuan")), Some(33));
+        assert_eq!(
+            price.id("price_band", &normalize("about 600 yuan")),
+            Some(33)
+        );
         assert_eq!(stable_hash("scene", "通勤"), 7340465014993863816);
     }
 
