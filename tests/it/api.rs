@@ -524,3 +524,48 @@ async fn a_broken_model_degrades_to_feature_reads_only() {
     assert_eq!(app.health("").await, ServingStatus::NotServing as i32);
     app.stop().await;
 }
+
+/// More concurrent TagNote calls than the queue holds: the excess is refused at once with
+/// RESOURCE_EXHAUSTED, the accepted ones complete, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.model.queue_capacity = 1;
+    cfg.model.max_new_tokens = 32;
+    let app = App::spawn(cfg).await;
+    let ch = app.channel().await;
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut c = pb::tag_service_client::TagServiceClient::new(ch.clone());
+        let mut note = fixture_note("digital_2");
+        note.note_id = format!("overload-{i}");
+        calls.push(tokio::spawn(async move {
+            c.tag_note(pb::TagNoteRequest {
+                note: Some(note),
+                force: false,
+                include_raw_output: false,
+            })
+            .await
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(r) => {
+                assert!(!r.into_inner().tags.is_empty());
+                ok += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("queue is full"), "{}", s.message());
+                refused += 1;
+            }
+        }
+    }
+    // One runs, at most one waits: the rest are refused.
+    assert!((1..=2).contains(&ok), "accepted {ok}");
+    assert_eq!(ok + refused, 6);
+    app.wait_serving("tagllm.v1.TagService").await;
+    app.stop().await;
+}
