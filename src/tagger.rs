@@ -129,7 +129,11 @@ impl Tagger {
     /// Versions results are produced with now (fails while the model loads).
     pub fn versions(&self) -> Result<Versions> {
         let info = self.engine.info().map_err(submit_error)?;
-        Ok(Versions {
+        Ok(self.versions_for(&info))
+    }
+
+    fn versions_for(&self, info: &crate::model::ModelInfo) -> Versions {
+        Versions {
             // Everything that shapes the answer: weights, prompt, decoding and the tag limits.
             model: format!(
                 "{}/p{}/{}/t{}x{}c{}n{}",
@@ -142,13 +146,13 @@ impl Tagger {
                 self.max_new_tokens,
             ),
             handbook: self.handbook.version.clone(),
-        })
+        }
     }
 
     /// Generates and parses tags for `note`.
     pub async fn run(&self, note: &Note) -> Result<TagRun> {
-        let versions = self.versions()?;
         let info = self.engine.info().map_err(submit_error)?;
+        let versions = self.versions_for(&info);
         let category = self.handbook.resolve(&note.category);
         let mut warnings = Vec::new();
         if !note.images.is_empty() && !info.multimodal {

@@ -184,9 +184,13 @@ impl Constraint {
         }
         if tracker.in_value() && !self.seen.is_empty() {
             let mut pruned = mask.clone();
+            // One buffer for every candidate: the value so far, then each token's bytes before its quote.
+            let value = tracker.current_value();
+            let mut v = Vec::with_capacity(value.len() + 16);
             for (tok, before) in self.quote_tokens.iter() {
                 if pruned.is_allowed(*tok) {
-                    let mut v = tracker.current_value().to_vec();
+                    v.clear();
+                    v.extend_from_slice(value);
                     v.extend_from_slice(before);
                     if let Ok(s) = std::str::from_utf8(&v) {
                         if self.seen.contains(&normalize(s)) {
