@@ -214,6 +214,8 @@ fn main() {
     };
     cfg.model.path = root().join(&cfg.model.path);
     cfg.model.requantize = args.requantize;
+    // The metrics layer and endpoint run as in production, on a free port.
+    cfg.server.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     cfg.limits.max_ids_per_request = cfg.limits.max_ids_per_request.max(args.batch);
     let handbook = Handbook::load(&cfg.handbook).unwrap();
     println!(

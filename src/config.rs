@@ -46,6 +46,33 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Notes of one TagNotes stream tagged concurrently (they queue in the engine).
     pub stream_concurrency: usize,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP, its own port); `"off"` disables it.
+    #[serde(with = "optional_addr")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `Option<SocketAddr>` spelled as an address or `"off"` (TOML and env have no null).
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim() {
+            "" | "off" => Ok(None),
+            a => a.parse().map(Some).map_err(|e| {
+                serde::de::Error::custom(format!("{a:?} is not an address or \"off\": {e}"))
+            }),
+        }
+    }
 }
 
 /// How the model's weights are held in memory.
@@ -177,6 +204,7 @@ impl Default for ServerConfig {
             max_encoding_message_bytes: 64 << 20,
             shutdown_grace_secs: 20,
             stream_concurrency: 4,
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
 }
@@ -367,6 +395,22 @@ mod tests {
         std::fs::write(&f, "[limits]\nmax_imagez = 2\n").unwrap();
         let err = Config::load(Some(&f)).unwrap_err().to_string();
         assert!(err.contains("max_imagez"), "{err}");
+    }
+
+    #[test]
+    fn metrics_addr_is_an_address_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[server]\nmetrics_addr = \"off\"\n").unwrap();
+        assert_eq!(Config::load(Some(&f)).unwrap().server.metrics_addr, None);
+        std::fs::write(&f, "[server]\nmetrics_addr = \"0.0.0.0:9100\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&f)).unwrap().server.metrics_addr,
+            Some("0.0.0.0:9100".parse().unwrap())
+        );
+        std::fs::write(&f, "[server]\nmetrics_addr = \"nine\"\n").unwrap();
+        let err = Config::load(Some(&f)).unwrap_err().to_string();
+        assert!(err.contains("nine"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`store`]: the durable embedded store (redb) and the moka cache in front of it.
 //! - [`tagger`]: the tagging use case: idempotency, prompt, engine, parse, store.
 //! - [`grpc`]: generated code, service impls, proto <-> domain conversion, `Status` mapping.
+//! - [`metrics`]: Prometheus series, the per-RPC tower layer, the `/metrics` endpoint.
 //! - [`server`]: builds the app: health, reflection, limits, graceful shutdown.
 //!
 //! # Invariants
@@ -34,6 +35,7 @@ pub mod features;
 pub mod grammar;
 pub mod grpc;
 pub mod handbook;
+pub mod metrics;
 pub mod model;
 pub mod prompt;
 pub mod server;

@@ -85,7 +85,18 @@ pub async fn run(
         schema.clone(),
         cfg.cache.max_notes,
     ));
+    crate::metrics::install();
+    // Bound before anything is served, so a taken port fails the start, not a scrape later.
+    let metrics_listener = match cfg.server.metrics_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {a}"))?,
+        ),
+        None => None,
+    };
     let (engine, engine_thread) = start_engine(&cfg)?;
+    metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
     let tagger = Tagger::new(
         handbook.clone(),
         engine.clone(),
@@ -116,6 +127,11 @@ pub async fn run(
                 }
                 EngineState::Loading => ServingStatus::NotServing,
             };
+            metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
+                1.0
+            } else {
+                0.0
+            });
             h.set_service_status(TAG_SERVICE, status).await;
             h.set_service_status("", status).await;
             if states.changed().await.is_err() {
@@ -155,11 +171,23 @@ pub async fn run(
         .max_encoding_message_size(enc);
 
     let addr = listener.local_addr()?;
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match metrics_listener {
+        Some(l) => {
+            let maddr = l.local_addr()?;
+            tracing::info!(addr = %maddr, "metrics at http://{maddr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(l, async {
+                let _ = metrics_stopped.await;
+            })))
+        }
+        None => None,
+    };
     tracing::info!(%addr, model = %cfg.model.path.display(), data_dir = %cfg.data_dir.display(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The block owns the server future: leaving it drops every service and its handles.
     {
         let server = tonic::transport::Server::builder()
+            .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -191,6 +219,15 @@ pub async fn run(
     drop(tagger);
     drop(engine);
     watcher.abort();
+    // Metrics stay up while draining, so the drain itself can be watched.
+    let _ = metrics_stop.send(());
+    if let Some(t) = metrics_task {
+        match t.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let join = tokio::task::spawn_blocking(move || engine_thread.join());
     if tokio::time::timeout(Duration::from_secs(10), join)
         .await

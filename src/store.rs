@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     domain::{Tag, Versions},
     features::{Features, Schema},
+    metrics::time_store,
 };
 
 /// Everything stored about one tagged note. Features are not stored: they are a pure function of
@@ -195,7 +196,13 @@ impl NoteCache {
 
     /// Cached notes only (never touches the store): cheap enough for an async thread.
     pub fn get_cached(&self, ids: &[&str]) -> Vec<Option<Arc<CachedNote>>> {
-        ids.iter().map(|id| self.cache.get(*id)).collect()
+        let found: Vec<_> = ids.iter().map(|id| self.cache.get(*id)).collect();
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        metrics::counter!("tagllm_cache_lookups_total", "result" => "hit").increment(hits);
+        metrics::counter!("tagllm_cache_lookups_total", "result" => "miss")
+            .increment(ids.len() as u64 - hits);
+        metrics::gauge!("tagllm_cache_entries").set(self.cache.entry_count() as f64);
+        found
     }
 
     /// Fills the `None` slots of `found` from the store (blocking I/O) and caches what it finds.
@@ -209,7 +216,7 @@ impl NoteCache {
             return Ok(());
         }
         let miss_ids: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-        let records = self.store.get_many(&miss_ids)?;
+        let records = time_store("get_many", || self.store.get_many(&miss_ids))?;
         for (&i, rec) in missing.iter().zip(records) {
             if let Some(rec) = rec {
                 let e = self.entry(rec);
@@ -229,7 +236,7 @@ impl NoteCache {
 
     /// Stores durably (blocking), then caches; returns the entry.
     pub fn put(&self, record: StoredNote) -> Result<Arc<CachedNote>, StoreError> {
-        self.store.put(&record)?;
+        time_store("put", || self.store.put(&record))?;
         let e = self.entry(record);
         self.cache.insert(e.record.note_id.clone(), e.clone());
         Ok(e)
@@ -242,15 +249,15 @@ impl NoteCache {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Arc<CachedNote>>, StoreError> {
-        Ok(self
-            .store
-            .scan_page(after, limit)?
-            .into_iter()
-            .map(|r| match self.cache.get(&r.note_id) {
-                Some(e) if e.record == r => e,
-                _ => self.entry(r),
-            })
-            .collect())
+        Ok(
+            time_store("scan_page", || self.store.scan_page(after, limit))?
+                .into_iter()
+                .map(|r| match self.cache.get(&r.note_id) {
+                    Some(e) if e.record == r => e,
+                    _ => self.entry(r),
+                })
+                .collect(),
+        )
     }
 }
 

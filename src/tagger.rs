@@ -248,6 +248,8 @@ impl Tagger {
                 .flatten();
             if let Some(e) = existing {
                 if e.record.content_hash == hash && e.record.versions == versions {
+                    metrics::counter!("tagllm_notes_tagged_total", "result" => "reused")
+                        .increment(1);
                     return Ok(TagOutcome {
                         entry: e,
                         reused: true,
@@ -281,6 +283,9 @@ impl Tagger {
             .await
             .map_err(Error::internal)?
             .map_err(Error::internal)?;
+        metrics::counter!("tagllm_notes_tagged_total", "result" => "generated").increment(1);
+        metrics::counter!("tagllm_tags_dropped_total")
+            .increment(u64::from(entry.record.dropped_tags));
         let mut timings = run.timings;
         timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(TagOutcome {

@@ -147,21 +147,44 @@ fn jagged(
     }
 }
 
+/// The first few ids of a batch for a span: enough to find a request in the logs, bounded in size.
+fn id_sample(ids: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut out = ids
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",");
+    if ids.len() > SHOWN {
+        out.push_str(&format!(",... (+{})", ids.len() - SHOWN));
+    }
+    out
+}
+
 type ScanStream = Pin<Box<dyn Stream<Item = Result<pb::NoteFeatures, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::feature_service_server::FeatureService for FeatureApi {
-    #[tracing::instrument(skip_all, fields(n = req.get_ref().note_ids.len()))]
+    #[tracing::instrument(skip_all, fields(n = req.get_ref().note_ids.len(), note_ids))]
     async fn get_note_features(
         &self,
         req: Request<pb::GetNoteFeaturesRequest>,
     ) -> Result<Response<pb::GetNoteFeaturesResponse>, Status> {
-        Ok(Response::new(self.get(req.into_inner()).await?))
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("note_ids", id_sample(&req.get_ref().note_ids).as_str());
+        }
+        let res = self.get(req.into_inner()).await;
+        if let Err(e) = &res {
+            tracing::info!(error = %e, "GetNoteFeatures refused");
+        }
+        Ok(Response::new(res?))
     }
 
     type ScanNoteFeaturesStream = ScanStream;
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(category = %req.get_ref().category, tagged_since_ms = req.get_ref().tagged_since_ms))]
     async fn scan_note_features(
         &self,
         req: Request<pb::ScanNoteFeaturesRequest>,

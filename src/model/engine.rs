@@ -155,10 +155,16 @@ impl EngineHandle {
     /// Queues a job without waiting; refuses when the queue is full or the model is not ready.
     pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
         self.info()?;
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
+        let sent = self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                metrics::counter!("tagllm_engine_jobs_total", "outcome" => "refused_full")
+                    .increment(1);
+                SubmitError::QueueFull(self.capacity)
+            }
             mpsc::error::TrySendError::Closed(_) => SubmitError::NotReady("engine stopped".into()),
-        })
+        });
+        metrics::gauge!("tagllm_engine_queue_depth").set(self.queue_depth() as f64);
+        sent
     }
 }
 
@@ -198,9 +204,13 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
     );
     state.send_replace(EngineState::Ready(info));
     while let Some(job) = rx.blocking_recv() {
+        metrics::gauge!("tagllm_engine_queue_depth").set(rx.len() as f64);
         if job.reply.is_closed() {
+            metrics::counter!("tagllm_engine_jobs_total", "outcome" => "cancelled").increment(1);
             continue; // the caller left while queued
         }
+        // One sequence per step until continuous batching lands; the series is there already.
+        metrics::histogram!("tagllm_engine_batch_size").record(1.0);
         let queue = job.enqueued.elapsed();
         let reply = &job.reply;
         let room = cfg.context_tokens.saturating_sub(job.max_new_tokens);
@@ -222,6 +232,22 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
                         truncated,
                     })
             });
+        let outcome = match &result {
+            Ok(out) => {
+                let g = &out.generation;
+                crate::metrics::record_generation(
+                    out.queue,
+                    g.prefill_ms,
+                    g.decode_ms,
+                    g.prompt_tokens,
+                    g.generated_tokens,
+                );
+                "ok"
+            }
+            Err(ModelError::Cancelled) => "cancelled",
+            Err(_) => "error",
+        };
+        metrics::counter!("tagllm_engine_jobs_total", "outcome" => outcome).increment(1);
         let _ = job.reply.send(result);
     }
     state.send_replace(EngineState::Failed("engine stopped".into()));

@@ -36,6 +36,8 @@ pub fn test_config(data_dir: &Path) -> Config {
     cfg.model.path = model_path();
     cfg.model.max_new_tokens = 48;
     cfg.server.shutdown_grace_secs = 5;
+    // Several servers share one test process (and one metrics recorder): no metrics port.
+    cfg.server.metrics_addr = None;
     cfg
 }
 
@@ -149,4 +151,110 @@ pub fn fixture_note(name: &str) -> pb::Note {
         images: vec![],
         updated_at_ms: v["updated_at_ms"].as_i64().unwrap_or(0),
     }
+}
+
+/// A free loopback port (bound then released; the window for a clash is tiny on a test machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `tagllm` binary serving as a child process, with its own metrics registry; killed
+/// (SIGKILL) on drop unless stopped first.
+pub struct Proc {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Proc {
+    /// Starts `tagllm serve` on free ports over `data_dir` with the test model settings, plus
+    /// `env` (`TAGLLM__...` overrides), and waits for `service` to be SERVING.
+    pub async fn spawn(data_dir: &Path, env: &[(&str, &str)], service: &str) -> Proc {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"));
+        cmd.current_dir(root())
+            .args(["serve", "--addr", &addr.to_string(), "--data-dir"])
+            .arg(data_dir)
+            .env("TAGLLM__SERVER__METRICS_ADDR", metrics_addr.to_string())
+            .env("TAGLLM__MODEL__MAX_NEW_TOKENS", "48")
+            .env("TAGLLM__SERVER__SHUTDOWN_GRACE_SECS", "5")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting the tagllm binary");
+        let p = Proc {
+            addr,
+            metrics_addr,
+            child,
+        };
+        // Reuse the in-process waiter: it only needs the address.
+        let app = App {
+            addr,
+            stop: None,
+            join: None,
+        };
+        app.wait_serving(service).await;
+        p
+    }
+
+    /// An in-process handle for the client helpers (it does not own the server).
+    pub fn client(&self) -> App {
+        App {
+            addr: self.addr,
+            stop: None,
+            join: None,
+        }
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test virtualenv (made by `scripts/test-deps.sh`): grpcurl, the Python client, pytest.
+pub fn test_venv() -> std::path::PathBuf {
+    let venv = std::env::var_os("TAGLLM_TEST_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target/test-venv"));
+    assert!(
+        venv.join("bin/python").is_file() && venv.join("bin/grpcurl").is_file(),
+        "{} is missing or incomplete: run scripts/test-deps.sh",
+        venv.display()
+    );
+    venv
 }

