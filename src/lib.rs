@@ -18,6 +18,7 @@
 //! - [`tagger`]: the tagging use case: idempotency, prompt, engine, parse, store.
 //! - [`grpc`]: generated code, service impls, proto <-> domain conversion, `Status` mapping.
 //! - [`metrics`]: Prometheus series, the per-RPC tower layer, the `/metrics` endpoint.
+//! - [`backfill`]: `tagllm backfill`: a JSONL file through a server's TagNotes, resumable.
 //! - [`server`]: builds the app: health, reflection, limits, graceful shutdown.
 //!
 //! # Invariants
@@ -28,6 +29,7 @@
 //!   ([`features::stable_hash`]) and test vectors pin their outputs.
 //! - An acknowledged TagNote is committed durably to the store before its response is sent.
 
+pub mod backfill;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -1,4 +1,5 @@
-//! `tagllm`: serve (`tagllm serve`) or tag one note without a server (`tagllm tag note.json`).
+//! `tagllm`: serve (`tagllm serve`), backfill a JSONL file through a server (`tagllm backfill`),
+//! or tag one note without a server (`tagllm tag note.json`).
 
 mod eval;
 
@@ -36,6 +37,41 @@ enum Command {
         verbose: bool,
         #[command(flatten)]
         common: CommonArgs,
+    },
+    /// Tag every note of a JSONL file through a running server's TagNotes stream, with a
+    /// progress bar; resumable (acknowledged ids go to a state file and are skipped next time).
+    /// Exits 1 when any note failed (see the failure file), 2 on a broken run.
+    Backfill {
+        /// Notes, one JSON object per line: {"note_id", "category", "title", "body",
+        /// "images": [uri...], "updated_at_ms"}; other fields are ignored.
+        notes: PathBuf,
+        /// Server address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Acknowledged ids (default: NOTES.done).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Failed notes as JSONL (default: NOTES.failed).
+        #[arg(long)]
+        failures: Option<PathBuf>,
+        /// Forget the state file and send every note again.
+        #[arg(long)]
+        restart: bool,
+        /// Regenerate even when the stored tags are current.
+        #[arg(long)]
+        force: bool,
+        /// Notes in flight at once.
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        /// Retries per note refused for overload, with exponential backoff from 250 ms.
+        #[arg(long, default_value_t = 8)]
+        retries: u32,
+        /// Send at most this many new notes (0: all), e.g. for a canary run.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
     /// no store.
@@ -124,6 +160,46 @@ fn main() -> anyhow::Result<()> {
             server::init_logging(&cfg.log);
             cfg.validate()?;
             rt.block_on(eval::run(cfg, notes, decoding, verbose))
+        }
+        Command::Backfill {
+            notes,
+            addr,
+            state,
+            failures,
+            restart,
+            force,
+            window,
+            retries,
+            limit,
+            quiet,
+        } => {
+            let opts = tagllm::backfill::BackfillOptions {
+                state: state.unwrap_or_else(|| tagllm::backfill::default_state(&notes)),
+                failures: failures.unwrap_or_else(|| tagllm::backfill::default_failures(&notes)),
+                input: notes,
+                addr,
+                restart,
+                force,
+                window,
+                retries,
+                limit,
+                progress: !quiet,
+            };
+            let failures = opts.failures.clone();
+            match rt.block_on(tagllm::backfill::run(opts, server::shutdown_signal())) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    if summary.failed_total() > 0 {
+                        println!("failed notes: {}", failures.display());
+                        std::process::exit(1);
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("backfill stopped: {e:#}");
+                    std::process::exit(2);
+                }
+            }
         }
         Command::Tag { note, common } => {
             let cfg = load_config(&common)?;

@@ -279,3 +279,122 @@ async fn python_client_suite_passes_against_the_server() {
     assert!(out.status.success(), "pytest failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("passed"), "{stdout}");
 }
+
+/// A fixture note as one JSONL line in `tagllm backfill`'s input format.
+fn jsonl_line(name: &str) -> String {
+    let n = fixture_note(name);
+    serde_json::json!({
+        "note_id": n.note_id, "category": n.category, "title": n.title, "body": n.body,
+        "author": "extra fields are ignored"
+    })
+    .to_string()
+}
+
+fn backfill(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .arg("backfill")
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_resumes_retries_overload_and_reports_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    // A one-slot queue under a 4-wide stream: notes get RESOURCE_EXHAUSTED and must be retried.
+    let p = Proc::spawn(
+        &dir.path().join("data"),
+        &[
+            ("TAGLLM__MODEL__QUEUE_CAPACITY", "1"),
+            ("TAGLLM__SERVER__STREAM_CONCURRENCY", "4"),
+        ],
+        "",
+    )
+    .await;
+    let input = dir.path().join("notes.jsonl");
+    let lines = [
+        jsonl_line("sneakers_1"),
+        "{not json".to_string(),
+        jsonl_line("beauty_1"),
+        String::new(),
+        r#"{"note_id": "", "category": "food", "body": "no id"}"#.to_string(),
+        jsonl_line("food_1"),
+        jsonl_line("travel_1"),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let input_s = input.to_str().unwrap();
+    let addr = p.addr.to_string();
+
+    // A canary run of one note: the bad JSON line is reported, the rest left for later.
+    let (code, out) = backfill(&[input_s, "--addr", &addr, "--limit", "1", "--window", "8"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("6 notes: 1 tagged, 0 reused, 0 skipped (done before), 1 failed, 4 unsent"),
+        "{out}"
+    );
+    assert!(out.contains("failed InvalidJson: 1"), "{out}");
+    let state = std::fs::read_to_string(dir.path().join("notes.jsonl.done")).unwrap();
+    assert_eq!(state.lines().count(), 1, "{state}");
+
+    // The rest: three valid notes arrive at once at an engine that runs one and queues one, so
+    // at least one is refused with RESOURCE_EXHAUSTED; it is retried, not failed.
+    let (code, out) = backfill(&[input_s, "--addr", &addr, "--window", "8"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("6 notes: 3 tagged, 0 reused, 1 skipped (done before), 2 failed, 0 unsent"),
+        "{out}"
+    );
+    let retries: usize = out
+        .split_once(" overload retries")
+        .and_then(|(head, _)| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(retries >= 1, "{out}");
+    assert!(out.contains("failed InvalidArgument: 1"), "{out}");
+    let failed = std::fs::read_to_string(dir.path().join("notes.jsonl.failed")).unwrap();
+    let failed: Vec<serde_json::Value> = failed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[0]["line"], 2);
+    assert_eq!(failed[1]["line"], 5);
+    assert!(failed[1]["message"].as_str().unwrap().contains("note_id"));
+
+    // Everything acknowledged is served.
+    let ids: Vec<String> = ["sneakers_1", "beauty_1", "food_1", "travel_1"]
+        .iter()
+        .map(|n| fixture_note(n).note_id)
+        .collect();
+    let got = p
+        .client()
+        .feature_client()
+        .await
+        .get_note_features(pb::GetNoteFeaturesRequest {
+            note_ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.notes.iter().all(|n| n.found), "{got:?}");
+
+    // --restart sends every note again: the server answers from the store.
+    let (code, out) = backfill(&[input_s, "--addr", &addr, "--restart"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("6 notes: 0 tagged, 4 reused, 0 skipped (done before), 2 failed"),
+        "{out}"
+    );
+    // A server that is not there: a clear error and exit 2.
+    let (code, out) = backfill(&[input_s, "--addr", "127.0.0.1:1"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("connecting to 127.0.0.1:1"), "{out}");
+}
