@@ -30,6 +30,41 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Read-replica mode (off unless `replica.upstream` is set).
+    pub replica: ReplicaConfig,
+}
+
+/// A read replica serves FeatureService only, from its own store, which it keeps in step with a
+/// primary (`upstream`) by following the primary's ScanNoteFeatures by tagging time. It loads no
+/// model. Several replicas scale feature reads while one primary tags (the store is an embedded
+/// single-writer database, never shared between processes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// The primary's address (`http://host:50051`); empty: this server is a primary.
+    pub upstream: String,
+    /// Seconds between polls once caught up.
+    pub poll_secs: u64,
+    /// How far back each poll re-reads (ms), so a note whose tagging time was taken just before
+    /// a poll but committed just after it is not missed.
+    pub overlap_ms: i64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            upstream: String::new(),
+            poll_secs: 5,
+            overlap_ms: 10_000,
+        }
+    }
+}
+
+impl ReplicaConfig {
+    /// Whether this server is a read replica.
+    pub fn enabled(&self) -> bool {
+        !self.upstream.trim().is_empty()
+    }
 }
 
 /// gRPC server settings.
@@ -46,6 +81,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Notes of one TagNotes stream tagged concurrently (they queue in the engine).
     pub stream_concurrency: usize,
+    /// Close client connections after this many seconds (with a grace for calls in flight), so
+    /// clients that balance over DNS re-resolve and spread onto new pods; unset: never.
+    pub max_connection_age_secs: Option<u64>,
     /// Where Prometheus scrapes `GET /metrics` (plain HTTP, its own port); `"off"` disables it.
     #[serde(with = "optional_addr")]
     pub metrics_addr: Option<SocketAddr>,
@@ -192,6 +230,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheConfig::default(),
             log: LogConfig::default(),
+            replica: ReplicaConfig::default(),
         }
     }
 }
@@ -205,6 +244,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 20,
             stream_concurrency: 4,
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            max_connection_age_secs: None,
         }
     }
 }
@@ -351,11 +391,30 @@ impl Config {
         if self.cache.max_notes == 0 {
             return bad("cache.max_notes", "must be at least 1");
         }
+        if self.replica.enabled() {
+            if self.replica.poll_secs == 0 {
+                return bad("replica.poll_secs", "must be at least 1");
+            }
+            if self.replica.overlap_ms < 0 {
+                return bad("replica.overlap_ms", "must not be negative");
+            }
+            let u = self.replica.upstream.trim();
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return bad(
+                    "replica.upstream",
+                    format!("{u:?} is not a URL like http://tagger:50051"),
+                );
+            }
+        }
         for (field, path) in [
             ("model.path", &self.model.path),
             ("handbook", &self.handbook),
             ("schema", &self.schema),
         ] {
+            // A replica loads no model.
+            if field == "model.path" && self.replica.enabled() {
+                continue;
+            }
             if !path.is_file() {
                 let hint = if field == "model.path" {
                     " (run models/fetch_default_model.sh for the default model)"

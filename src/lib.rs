@@ -19,6 +19,7 @@
 //! - [`grpc`]: generated code, service impls, proto <-> domain conversion, `Status` mapping.
 //! - [`metrics`]: Prometheus series, the per-RPC tower layer, the `/metrics` endpoint.
 //! - [`backfill`]: `tagllm backfill`: a JSONL file through a server's TagNotes, resumable.
+//! - [`replica`]: read-replica mode: follow a primary's tagging-time scan into the local store.
 //! - [`server`]: builds the app: health, reflection, limits, graceful shutdown.
 //!
 //! # Invariants
@@ -40,6 +41,7 @@ pub mod handbook;
 pub mod metrics;
 pub mod model;
 pub mod prompt;
+pub mod replica;
 pub mod server;
 pub mod store;
 pub mod tagger;

@@ -15,6 +15,7 @@ use crate::{
     grpc::{pb, FeatureApi, TagApi, FEATURE_SERVICE, TAG_SERVICE},
     handbook::Handbook,
     model::engine::{EngineConfig, EngineHandle, EngineState},
+    replica::{Follower, ReplicaState},
     store::{NoteCache, RedbStore},
     tagger::Tagger,
 };
@@ -95,50 +96,107 @@ pub async fn run(
         ),
         None => None,
     };
-    let (engine, engine_thread) = start_engine(&cfg)?;
-    metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
-    let tagger = Tagger::new(
-        handbook.clone(),
-        engine.clone(),
-        cfg.limits.clone(),
-        &cfg.model,
-    );
-
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(FEATURE_SERVICE, ServingStatus::Serving)
-        .await;
-    health
-        .set_service_status(TAG_SERVICE, ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    // Follow the engine: SERVING once the model is loaded and warm.
-    let mut states = engine.watch();
-    let h = health.clone();
-    let watcher = tokio::spawn(async move {
-        loop {
-            let status = match &*states.borrow_and_update() {
-                EngineState::Ready(_) => ServingStatus::Serving,
-                EngineState::Failed(e) => {
-                    tracing::error!(error = %e, "tagging unavailable");
-                    ServingStatus::NotServing
+    let dec = cfg.server.max_decoding_message_bytes;
+    let enc = cfg.server.max_encoding_message_bytes;
+
+    // A primary runs the engine and serves TagService; a replica follows a primary instead.
+    // Either way a background task drives health: `watcher` (engine state) or the follower.
+    let mut engine_parts = None;
+    let mut tag_service = None;
+    let background: tokio::task::JoinHandle<()>;
+    let model_version: crate::grpc::ModelVersion;
+    if cfg.replica.enabled() {
+        let follower = Follower::new(cfg.replica.clone(), notes.clone(), handbook.clone());
+        let mv = follower.model_version.clone();
+        model_version = Arc::new(move || mv.read().map(|m| m.clone()).unwrap_or_default());
+        // Until the first catch-up a replica would answer `found = false` for notes that exist.
+        health
+            .set_service_status(FEATURE_SERVICE, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let mut states = follower.watch();
+        let h = health.clone();
+        let follow = tokio::spawn(follower.run());
+        background = tokio::spawn(async move {
+            loop {
+                let status = match &*states.borrow_and_update() {
+                    ReplicaState::Following => ServingStatus::Serving,
+                    ReplicaState::CatchingUp | ReplicaState::Mismatched(_) => {
+                        ServingStatus::NotServing
+                    }
+                };
+                h.set_service_status(FEATURE_SERVICE, status).await;
+                h.set_service_status("", status).await;
+                if states.changed().await.is_err() {
+                    break;
                 }
-                EngineState::Loading => ServingStatus::NotServing,
-            };
-            metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
-                1.0
-            } else {
-                0.0
-            });
-            h.set_service_status(TAG_SERVICE, status).await;
-            h.set_service_status("", status).await;
-            if states.changed().await.is_err() {
-                break;
             }
-        }
-    });
+            follow.abort();
+        });
+    } else {
+        let (engine, engine_thread) = start_engine(&cfg)?;
+        metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
+        let tagger = Tagger::new(
+            handbook.clone(),
+            engine.clone(),
+            cfg.limits.clone(),
+            &cfg.model,
+        );
+        let t = tagger.clone();
+        model_version = Arc::new(move || {
+            t.versions()
+                .map(|v| v.model)
+                .unwrap_or_else(|_| "(loading)".into())
+        });
+        health
+            .set_service_status(FEATURE_SERVICE, ServingStatus::Serving)
+            .await;
+        health
+            .set_service_status(TAG_SERVICE, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        // Follow the engine: SERVING once the model is loaded and warm.
+        let mut states = engine.watch();
+        let h = health.clone();
+        background = tokio::spawn(async move {
+            loop {
+                let status = match &*states.borrow_and_update() {
+                    EngineState::Ready(_) => ServingStatus::Serving,
+                    EngineState::Failed(e) => {
+                        tracing::error!(error = %e, "tagging unavailable");
+                        ServingStatus::NotServing
+                    }
+                    EngineState::Loading => ServingStatus::NotServing,
+                };
+                metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
+                    1.0
+                } else {
+                    0.0
+                });
+                h.set_service_status(TAG_SERVICE, status).await;
+                h.set_service_status("", status).await;
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        tag_service = Some(
+            pb::tag_service_server::TagServiceServer::new(TagApi::new(
+                tagger.clone(),
+                notes.clone(),
+                cfg.limits.clone(),
+                cfg.server.stream_concurrency,
+            ))
+            .max_decoding_message_size(dec)
+            .max_encoding_message_size(enc),
+        );
+        engine_parts = Some((tagger, engine, engine_thread));
+    }
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -148,27 +206,14 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-
-    let dec = cfg.server.max_decoding_message_bytes;
-    let enc = cfg.server.max_encoding_message_bytes;
-    let tag_api = TagApi::new(
-        tagger.clone(),
-        notes.clone(),
-        cfg.limits.clone(),
-        cfg.server.stream_concurrency,
-    );
-    let feature_api = FeatureApi::new(
+    let feature_service = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(
         notes.clone(),
         handbook.clone(),
-        tagger.clone(),
+        model_version,
         cfg.limits.clone(),
-    );
-    let tag_service = pb::tag_service_server::TagServiceServer::new(tag_api)
-        .max_decoding_message_size(dec)
-        .max_encoding_message_size(enc);
-    let feature_service = pb::feature_service_server::FeatureServiceServer::new(feature_api)
-        .max_decoding_message_size(dec)
-        .max_encoding_message_size(enc);
+    ))
+    .max_decoding_message_size(dec)
+    .max_encoding_message_size(enc);
 
     let addr = listener.local_addr()?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -182,16 +227,25 @@ pub async fn run(
         }
         None => None,
     };
-    tracing::info!(%addr, model = %cfg.model.path.display(), data_dir = %cfg.data_dir.display(), "serving");
+    if cfg.replica.enabled() {
+        tracing::info!(%addr, upstream = %cfg.replica.upstream, data_dir = %cfg.data_dir.display(), "serving as a read replica");
+    } else {
+        tracing::info!(%addr, model = %cfg.model.path.display(), data_dir = %cfg.data_dir.display(), "serving");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The block owns the server future: leaving it drops every service and its handles.
     {
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(secs) = cfg.server.max_connection_age_secs {
+            // Clients re-resolve and reconnect, so pods added by a scale-up get traffic.
+            builder = builder.max_connection_age(Duration::from_secs(secs));
+        }
+        let server = builder
             .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(tag_service)
+            .add_optional_service(tag_service)
             .add_service(feature_service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
@@ -201,7 +255,7 @@ pub async fn run(
             r = &mut server => r?,
             () = shutdown => {
                 tracing::info!("shutting down: draining in-flight calls");
-                watcher.abort();
+                background.abort();
                 health.set_service_status("", ServingStatus::NotServing).await;
                 health.set_service_status(TAG_SERVICE, ServingStatus::NotServing).await;
                 health.set_service_status(FEATURE_SERVICE, ServingStatus::NotServing).await;
@@ -214,11 +268,20 @@ pub async fn run(
             }
         }
     }
+    background.abort();
     // Dropping the last engine handle ends the engine thread; wait for it so that a restart in
     // the same process finds the model and the store released.
-    drop(tagger);
-    drop(engine);
-    watcher.abort();
+    if let Some((tagger, engine, engine_thread)) = engine_parts {
+        drop(tagger);
+        drop(engine);
+        let join = tokio::task::spawn_blocking(move || engine_thread.join());
+        if tokio::time::timeout(Duration::from_secs(10), join)
+            .await
+            .is_err()
+        {
+            tracing::warn!("engine thread still busy after shutdown");
+        }
+    }
     // Metrics stay up while draining, so the drain itself can be watched.
     let _ = metrics_stop.send(());
     if let Some(t) = metrics_task {
@@ -227,13 +290,6 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
             Ok(Ok(())) => {}
         }
-    }
-    let join = tokio::task::spawn_blocking(move || engine_thread.join());
-    if tokio::time::timeout(Duration::from_secs(10), join)
-        .await
-        .is_err()
-    {
-        tracing::warn!("engine thread still busy after shutdown");
     }
     tracing::info!("stopped");
     Ok(())

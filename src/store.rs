@@ -8,7 +8,7 @@
 use std::{path::Path, sync::Arc};
 
 use moka::sync::Cache;
-use redb::{Database, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -67,6 +67,16 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` notes with ids strictly after `after` (all from the start when `None`), in id
     /// order: the page of a scan.
     fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError>;
+    /// Up to `limit` notes tagged at or after `since_ms`, in `(tagged_at_ms, note_id)` order,
+    /// strictly after the cursor `after`: the page of an incremental scan (what replicas follow).
+    fn scan_since(
+        &self,
+        since_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredNote>, StoreError>;
+    /// The latest `tagged_at_ms` stored (`None` when empty).
+    fn latest_tagged_at(&self) -> Result<Option<i64>, StoreError>;
     /// Number of stored notes.
     fn len(&self) -> Result<u64, StoreError>;
     /// Whether the store holds no note.
@@ -76,6 +86,8 @@ pub trait Store: Send + Sync + 'static {
 }
 
 const NOTES: TableDefinition<&str, &[u8]> = TableDefinition::new("notes_v1");
+/// Index of `NOTES` by tagging time, kept in the same transactions: `(tagged_at_ms, note_id)`.
+const BY_TAGGED: TableDefinition<(i64, &str), ()> = TableDefinition::new("notes_by_tagged_v1");
 
 /// The embedded default store: one redb file, `notes.redb`, in the data directory.
 pub struct RedbStore {
@@ -89,11 +101,51 @@ impl RedbStore {
         let path = dir.join("notes.redb");
         let db =
             Database::create(&path).map_err(|e| se(format!("opening {}: {e}", path.display())))?;
-        // Create the table up front so readers never see it missing.
+        // Create the tables up front so readers never see them missing. A store written before
+        // the time index existed (or whose index disagrees with it) gets the index rebuilt here,
+        // in one transaction.
         let tx = db.begin_write().map_err(se)?;
-        tx.open_table(NOTES).map_err(se)?;
+        {
+            let notes = tx.open_table(NOTES).map_err(se)?;
+            let mut index = tx.open_table(BY_TAGGED).map_err(se)?;
+            let (n, i) = (notes.len().map_err(se)?, index.len().map_err(se)?);
+            if n != i {
+                tracing::info!(notes = n, indexed = i, "rebuilding the tagging-time index");
+                index.retain(|_, _| false).map_err(se)?;
+                for item in notes.iter().map_err(se)? {
+                    let (k, v) = item.map_err(se)?;
+                    let rec = decode(v.value())?;
+                    index
+                        .insert((rec.tagged_at_ms, k.value()), ())
+                        .map_err(se)?;
+                }
+            }
+        }
         tx.commit().map_err(se)?;
         Ok(RedbStore { db })
+    }
+
+    /// Writes `notes` in the open transaction `tx`, keeping the time index in step.
+    fn write(tx: &redb::WriteTransaction, notes: &[StoredNote]) -> Result<(), StoreError> {
+        let mut table = tx.open_table(NOTES).map_err(se)?;
+        let mut index = tx.open_table(BY_TAGGED).map_err(se)?;
+        for note in notes {
+            let bytes = serde_json::to_vec(note).map_err(se)?;
+            let old = table
+                .insert(note.note_id.as_str(), bytes.as_slice())
+                .map_err(se)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if let Some(old) = old {
+                index
+                    .remove((old.tagged_at_ms, note.note_id.as_str()))
+                    .map_err(se)?;
+            }
+            index
+                .insert((note.tagged_at_ms, note.note_id.as_str()), ())
+                .map_err(se)?;
+        }
+        Ok(())
     }
 }
 
@@ -114,16 +166,51 @@ impl Store for RedbStore {
     }
 
     fn put(&self, note: &StoredNote) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(note).map_err(se)?;
+        self.put_many(std::slice::from_ref(note))
+    }
+
+    fn put_many(&self, notes: &[StoredNote]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(se)?;
-        {
-            let mut table = tx.open_table(NOTES).map_err(se)?;
-            table
-                .insert(note.note_id.as_str(), bytes.as_slice())
-                .map_err(se)?;
-        }
+        RedbStore::write(&tx, notes)?;
         // Durability::Immediate is redb's default: commit returns after fsync.
         tx.commit().map_err(se)
+    }
+
+    fn scan_since(
+        &self,
+        since_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredNote>, StoreError> {
+        use std::ops::Bound;
+        let tx = self.db.begin_read().map_err(se)?;
+        let notes = tx.open_table(NOTES).map_err(se)?;
+        let index = tx.open_table(BY_TAGGED).map_err(se)?;
+        let lower = match after {
+            Some(a) if a >= (since_ms, "") => Bound::Excluded(a),
+            _ => Bound::Included((since_ms, "")),
+        };
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in index
+            .range::<(i64, &str)>((lower, Bound::Unbounded))
+            .map_err(se)?
+            .take(limit)
+        {
+            let (k, _) = item.map_err(se)?;
+            let (_, id) = k.value();
+            match notes.get(id).map_err(se)? {
+                Some(v) => out.push(decode(v.value())?),
+                None => return Err(se(format!("index names {id:?}, which is not stored"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn latest_tagged_at(&self) -> Result<Option<i64>, StoreError> {
+        let tx = self.db.begin_read().map_err(se)?;
+        let index = tx.open_table(BY_TAGGED).map_err(se)?;
+        let last = index.last().map_err(se)?.map(|(k, _)| k.value().0);
+        Ok(last)
     }
 
     fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError> {
@@ -242,6 +329,34 @@ impl NoteCache {
         Ok(e)
     }
 
+    /// Stores several notes in one durable commit (blocking), then caches them.
+    pub fn put_many(&self, records: Vec<StoredNote>) -> Result<(), StoreError> {
+        time_store("put_many", || self.store.put_many(&records))?;
+        for r in records {
+            // Only refresh notes already hot: a replica's catch-up must not evict them.
+            if self.cache.contains_key(&r.note_id) {
+                let e = self.entry(r);
+                self.cache.insert(e.record.note_id.clone(), e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A page of an incremental scan by tagging time (blocking; bypasses the cache).
+    pub fn scan_since(
+        &self,
+        since_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Arc<CachedNote>>, StoreError> {
+        Ok(time_store("scan_since", || {
+            self.store.scan_since(since_ms, after, limit)
+        })?
+        .into_iter()
+        .map(|r| self.entry(r))
+        .collect())
+    }
+
     /// A page of a full scan with features (blocking; bypasses the cache so a scan does not evict
     /// the ranking path's hot notes).
     pub fn scan_page(
@@ -312,5 +427,63 @@ mod tests {
         }
         assert_eq!(ids.len(), 25);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    fn at(id: &str, t: i64) -> StoredNote {
+        StoredNote {
+            tagged_at_ms: t,
+            ..note(id, "nike")
+        }
+    }
+
+    fn since(s: &RedbStore, t: i64, page: usize) -> Vec<(i64, String)> {
+        let mut out = Vec::new();
+        let mut after: Option<(i64, String)> = None;
+        loop {
+            let got = s
+                .scan_since(t, after.as_ref().map(|(t, id)| (*t, id.as_str())), page)
+                .unwrap();
+            if got.is_empty() {
+                return out;
+            }
+            let last = got.last().unwrap();
+            after = Some((last.tagged_at_ms, last.note_id.clone()));
+            out.extend(got.into_iter().map(|n| (n.tagged_at_ms, n.note_id)));
+        }
+    }
+
+    #[test]
+    fn time_index_follows_rewrites_and_is_rebuilt_for_old_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            s.put_many(&[at("a", 30), at("b", 10), at("c", 20), at("d", 20)])
+                .unwrap();
+            // Re-tagging moves a note in time; the old index entry goes.
+            s.put(&at("b", 40)).unwrap();
+            let all = since(&s, 0, 2);
+            let ids: Vec<&str> = all.iter().map(|(_, id)| id.as_str()).collect();
+            assert_eq!(ids, ["c", "d", "a", "b"]);
+            assert_eq!(since(&s, 21, 10), [(30, "a".into()), (40, "b".into())]);
+            assert_eq!(s.latest_tagged_at().unwrap(), Some(40));
+        }
+        // A store from before the index: drop it, reopen, and it is rebuilt.
+        {
+            let db = Database::create(dir.path().join("notes.redb")).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.delete_table(BY_TAGGED).unwrap();
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(since(&s, 0, 3).len(), 4);
+        assert_eq!(since(&s, 25, 3), [(30, "a".into()), (40, "b".into())]);
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            RedbStore::open(empty.path())
+                .unwrap()
+                .latest_tagged_at()
+                .unwrap(),
+            None
+        );
     }
 }

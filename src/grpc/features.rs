@@ -14,8 +14,11 @@ use crate::{
     features::IdMap,
     handbook::Handbook,
     store::{CachedNote, NoteCache},
-    tagger::Tagger,
 };
+
+/// The model version GetFeatureSchema reports: the tagger's (a primary) or the upstream's (a
+/// replica), read when asked.
+pub type ModelVersion = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Notes per store page of a scan.
 const SCAN_PAGE: usize = 256;
@@ -25,7 +28,7 @@ const SCAN_PAGE: usize = 256;
 pub struct FeatureApi {
     notes: Arc<NoteCache>,
     handbook: Arc<Handbook>,
-    tagger: Tagger,
+    model_version: ModelVersion,
     limits: Limits,
 }
 
@@ -34,13 +37,13 @@ impl FeatureApi {
     pub fn new(
         notes: Arc<NoteCache>,
         handbook: Arc<Handbook>,
-        tagger: Tagger,
+        model_version: ModelVersion,
         limits: Limits,
     ) -> FeatureApi {
         FeatureApi {
             notes,
             handbook,
-            tagger,
+            model_version,
             limits,
         }
     }
@@ -196,14 +199,26 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let limit = if req.limit == 0 { u64::MAX } else { req.limit };
         let (tx, rx) = mpsc::channel(SCAN_PAGE);
         let notes = self.notes.clone();
+        let since = req.tagged_since_ms;
         tokio::spawn(async move {
-            let mut after: Option<String> = None;
+            // With a time filter the store's time index serves only the notes asked for (what a
+            // replica following the primary needs); without one, a full scan in id order.
+            let mut after_id: Option<String> = None;
+            let mut after_time: Option<(i64, String)> = None;
             let mut sent = 0u64;
             loop {
                 let n2 = notes.clone();
-                let a = after.clone();
+                let (a_id, a_time) = (after_id.clone(), after_time.clone());
                 let page = match tokio::task::spawn_blocking(move || {
-                    n2.scan_page(a.as_deref(), SCAN_PAGE)
+                    if since > 0 {
+                        n2.scan_since(
+                            since,
+                            a_time.as_ref().map(|(t, id)| (*t, id.as_str())),
+                            SCAN_PAGE,
+                        )
+                    } else {
+                        n2.scan_page(a_id.as_deref(), SCAN_PAGE)
+                    }
                 })
                 .await
                 {
@@ -218,7 +233,8 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     }
                 };
                 let Some(last) = page.last() else { return };
-                after = Some(last.record.note_id.clone());
+                after_id = Some(last.record.note_id.clone());
+                after_time = Some((last.record.tagged_at_ms, last.record.note_id.clone()));
                 for e in &page {
                     let r = &e.record;
                     if (!category.is_empty()
@@ -247,11 +263,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         _req: Request<pb::GetFeatureSchemaRequest>,
     ) -> Result<Response<pb::GetFeatureSchemaResponse>, Status> {
         let schema = self.notes.schema();
-        let model = self
-            .tagger
-            .versions()
-            .map(|v| v.model)
-            .unwrap_or_else(|_| "(loading)".into());
+        let model = (self.model_version)();
         Ok(Response::new(pb::GetFeatureSchemaResponse {
             groups: schema
                 .groups

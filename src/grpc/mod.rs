@@ -4,7 +4,7 @@
 mod features;
 mod tagging;
 
-pub use features::FeatureApi;
+pub use features::{FeatureApi, ModelVersion};
 pub use tagging::TagApi;
 
 use crate::{

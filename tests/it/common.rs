@@ -174,6 +174,13 @@ impl Proc {
     /// Starts `tagllm serve` on free ports over `data_dir` with the test model settings, plus
     /// `env` (`TAGLLM__...` overrides), and waits for `service` to be SERVING.
     pub async fn spawn(data_dir: &Path, env: &[(&str, &str)], service: &str) -> Proc {
+        let p = Proc::start(data_dir, env);
+        p.client().wait_serving(service).await;
+        p
+    }
+
+    /// Starts `tagllm serve` like [`Proc::spawn`] without waiting for it.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Proc {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"));
@@ -189,22 +196,14 @@ impl Proc {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("starting the tagllm binary");
-        let p = Proc {
+        Proc {
             addr,
             metrics_addr,
             child,
-        };
-        // Reuse the in-process waiter: it only needs the address.
-        let app = App {
-            addr,
-            stop: None,
-            join: None,
-        };
-        app.wait_serving(service).await;
-        p
+        }
     }
 
-    /// An in-process handle for the client helpers (it does not own the server).
+    /// A handle for the client helpers (it does not own the server).
     pub fn client(&self) -> App {
         App {
             addr: self.addr,

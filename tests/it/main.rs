@@ -7,3 +7,4 @@ mod common;
 mod constrain;
 mod model;
 mod ops;
+mod replica;
