@@ -32,6 +32,33 @@ pub struct Config {
     pub log: LogConfig,
     /// Read-replica mode (off unless `replica.upstream` is set).
     pub replica: ReplicaConfig,
+    /// Bearer-token auth (off unless a token is configured).
+    pub auth: AuthConfig,
+    /// TLS (off unless a certificate is configured).
+    pub tls: TlsConfig,
+}
+
+/// Bearer-token auth on every RPC but health. The token itself is never part of the config (so
+/// it cannot be logged with it): it comes from `token_file`, else from the `TAGLLM_AUTH_TOKEN`
+/// environment variable; with neither, auth is off.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File with the accepted tokens, one per line (two during a rotation).
+    pub token_file: Option<PathBuf>,
+}
+
+/// TLS for the gRPC port (rustls). Both `cert_file` and `key_file` (PEM) turn it on;
+/// `client_ca_file` also requires client certificates signed by that CA (mutual TLS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM); unset: no client certificates.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// A read replica serves FeatureService only, from its own store, which it keeps in step with a
@@ -181,6 +208,11 @@ pub struct Limits {
     pub max_image_bytes: usize,
     /// Longest image URI (bytes).
     pub max_image_uri_bytes: usize,
+    /// Most pixels (width x height) of a decoded inline image; checked from the header, before
+    /// any pixel memory is allocated, so a decompression bomb costs nothing.
+    pub max_image_pixels: u64,
+    /// Longest side of an inline image (pixels).
+    pub max_image_side: u32,
     /// Most note ids per GetNoteFeatures call.
     pub max_ids_per_request: usize,
     /// Most tags kept per dimension of a note.
@@ -231,6 +263,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             replica: ReplicaConfig::default(),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -272,6 +306,8 @@ impl Default for Limits {
             max_images: 9,
             max_image_bytes: 8 << 20,
             max_image_uri_bytes: 2048,
+            max_image_pixels: 24_000_000,
+            max_image_side: 16_384,
             max_ids_per_request: 5000,
             max_tags_per_dimension: 3,
             max_tags_per_note: 24,
@@ -362,6 +398,12 @@ impl Config {
             ("model.queue_capacity", self.model.queue_capacity),
             ("server.stream_concurrency", self.server.stream_concurrency),
         ];
+        if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 {
+            return bad(
+                "limits.max_image_pixels",
+                "and limits.max_image_side must be at least 1",
+            );
+        }
         for (field, v) in positive {
             if v == 0 {
                 return bad(field, "must be at least 1");
@@ -422,6 +464,27 @@ impl Config {
                     ""
                 };
                 return bad(field, format!("{} is not a file{hint}", path.display()));
+            }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return bad("tls", "cert_file and key_file go together");
+            }
+            (None, None) if self.tls.client_ca_file.is_some() => {
+                return bad("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
+            }
+            _ => {}
+        }
+        for (field, path) in [
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+            ("tls.client_ca_file", &self.tls.client_ca_file),
+            ("auth.token_file", &self.auth.token_file),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return bad(field, format!("{} is not a file", p.display()));
+                }
             }
         }
         if self.data_dir.exists() && !self.data_dir.is_dir() {

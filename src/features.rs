@@ -185,14 +185,23 @@ fn valid_group_name(s: &str) -> bool {
 impl Schema {
     /// Loads a schema file and its vocabulary files (paths relative to the schema file).
     pub fn load(path: &Path) -> Result<Schema, SchemaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SchemaError {
+            path: path.display().to_string(),
+            place: "file".into(),
+            reason: e.to_string(),
+        })?;
+        Schema::parse(&text, path)
+    }
+
+    /// Parses schema text as if read from `path` (vocabulary files are looked up beside it).
+    pub fn parse(text: &str, path: &Path) -> Result<Schema, SchemaError> {
         let p = path.display().to_string();
         let err = |place: &str, reason: String| SchemaError {
             path: p.clone(),
             place: place.to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err("file", e.to_string()))?;
-        let file: File = toml::from_str(&text).map_err(|e| err("syntax", e.to_string()))?;
+        let file: File = toml::from_str(text).map_err(|e| err("syntax", e.to_string()))?;
         if file.version.trim().is_empty() {
             return Err(err("version", "must not be empty".into()));
         }

@@ -3,10 +3,12 @@
 //! features.
 //!
 //! # Module map (the data flow `note -> prompt -> model -> tags -> features -> store -> api`)
+//! - [`auth`]: optional bearer-token auth (tower layer), constant-time, health exempt.
 //! - [`config`]: typed, validated configuration (defaults, file, `TAGLLM__` env).
 //! - [`error`]: the domain error enum, named by what the caller should do.
 //! - [`domain`]: `Note`, `NoteId`, `Tag`, request limits: plain types and pure logic.
 //! - [`handbook`]: the User Interest Handbook: load, validate, render a category's guidance.
+//! - [`images`]: inline images checked at the edge: format, header dimensions, decode under limits.
 //! - [`prompt`]: note + handbook entry -> chat messages -> prompt text (the model's chat template).
 //! - [`grammar`]: handbook entry + limits -> the grammar every answer must follow.
 //! - [`model`]: candle only: GGUF loading, the tokenizer from GGUF metadata, greedy generation
@@ -30,6 +32,7 @@
 //!   ([`features::stable_hash`]) and test vectors pin their outputs.
 //! - An acknowledged TagNote is committed durably to the store before its response is sent.
 
+pub mod auth;
 pub mod backfill;
 pub mod config;
 pub mod domain;
@@ -38,6 +41,7 @@ pub mod features;
 pub mod grammar;
 pub mod grpc;
 pub mod handbook;
+pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod prompt;

@@ -77,6 +77,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let (handbook, schema) = load_guidance(&cfg)?;
+    let tokens = crate::auth::Tokens::load(cfg.auth.token_file.as_deref())?;
+    let tls = tls_config(&cfg.tls)?;
     let data_dir = cfg.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
         .await?
@@ -227,6 +229,15 @@ pub async fn run(
         }
         None => None,
     };
+    match (&tokens, &tls) {
+        (Some(_), Some(_)) => tracing::info!("auth: bearer token required (health exempt); TLS on"),
+        (Some(_), None) => tracing::warn!("auth: bearer token required, but without TLS the token crosses the network in clear text"),
+        (None, Some(_)) => tracing::info!("TLS on; no auth"),
+        (None, None) if !addr.ip().is_loopback() => {
+            tracing::warn!(%addr, "listening beyond loopback with neither auth nor TLS")
+        }
+        (None, None) => {}
+    }
     if cfg.replica.enabled() {
         tracing::info!(%addr, upstream = %cfg.replica.upstream, data_dir = %cfg.data_dir.display(), "serving as a read replica");
     } else {
@@ -240,8 +251,14 @@ pub async fn run(
             // Clients re-resolve and reconnect, so pods added by a scale-up get traffic.
             builder = builder.max_connection_age(Duration::from_secs(secs));
         }
+        if let Some(t) = tls {
+            builder = builder.tls_config(t).context("configuring TLS")?;
+        }
+        // Metrics outermost, so refused calls are counted with their status.
         let server = builder
             .layer(crate::metrics::GrpcMetricsLayer)
+            .layer(crate::auth::AuthLayer::new(tokens))
+            .layer(crate::grpc::SizeStatusLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -293,6 +310,28 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The rustls server config from PEM files (`None`: plaintext).
+fn tls_config(
+    t: &crate::config::TlsConfig,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("tls.{what} {}", p.display()))
+    };
+    let mut c = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(cert, "cert_file")?, read(key, "key_file")?),
+    );
+    if let Some(ca) = &t.client_ca_file {
+        c = c.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            ca,
+            "client_ca_file",
+        )?));
+    }
+    Ok(Some(c))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -2,9 +2,11 @@
 //! `Error -> Status` mapping. Thin by design: validate, convert, call the domain, convert back.
 
 mod features;
+mod size_status;
 mod tagging;
 
 pub use features::{FeatureApi, ModelVersion};
+pub use size_status::SizeStatusLayer;
 pub use tagging::TagApi;
 
 use crate::{

@@ -42,6 +42,7 @@ impl TagApi {
     async fn tag_one(&self, req: pb::TagNoteRequest) -> Result<pb::TagNoteResponse, Error> {
         let note = note_from_proto(req.note, &self.limits)?;
         tracing::Span::current().record("note_id", note.id.as_str());
+        let (note, _images) = crate::images::check_note_blocking(note, &self.limits).await?;
         let out = self.tagger.tag(note, req.force, &self.notes).await?;
         Ok(self.response(out, req.include_raw_output))
     }

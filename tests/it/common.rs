@@ -56,19 +56,24 @@ impl App {
 
     /// Starts a server and waits until health reports `service` SERVING.
     pub async fn spawn_until(cfg: Config, service: &str) -> App {
+        let app = App::start(cfg).await;
+        app.wait_serving(service).await;
+        app
+    }
+
+    /// Starts a server on 127.0.0.1:0 without waiting for it.
+    pub async fn start(cfg: Config) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let join = tokio::spawn(tagllm::server::run(cfg, listener, async {
             let _ = stopped.await;
         }));
-        let app = App {
+        App {
             addr,
             stop: Some(stop),
             join: Some(join),
-        };
-        app.wait_serving(service).await;
-        app
+        }
     }
 
     /// A channel to the server.
@@ -226,6 +231,17 @@ impl Proc {
         let text = String::from_utf8(buf).unwrap();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         text.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no warning: a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit status.

@@ -5,6 +5,9 @@
 mod api;
 mod common;
 mod constrain;
+mod crash;
+mod hostile;
 mod model;
 mod ops;
 mod replica;
+mod security;

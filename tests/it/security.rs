@@ -1,0 +1,207 @@
+//! Auth and transport: bearer tokens on every RPC but health; TLS and mutual TLS with
+//! certificates made for the test.
+
+use std::{path::Path, time::Duration};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tagllm::grpc::pb;
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+    Code, Request,
+};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+use crate::common::{test_config, App};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {t}")).unwrap(),
+        );
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_guards_every_rpc_but_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        format!("{TOKEN}\nnext-token-0123456789abcdef\n"),
+    )
+    .unwrap();
+    let mut cfg = test_config(&dir.path().join("data"));
+    cfg.auth.token_file = Some(token_file);
+    // Health needs no token, so the harness can wait for it as usual.
+    let app = App::spawn_until(cfg, "tagllm.v1.FeatureService").await;
+    let mut feats = app.feature_client().await;
+    let read = || pb::GetNoteFeaturesRequest {
+        note_ids: vec!["n1".into()],
+        ..Default::default()
+    };
+
+    let err = feats
+        .get_note_features(with_token(read(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization"), "{}", err.message());
+    let err = feats
+        .get_note_features(with_token(read(), Some("test-token-0123456789abcdeX")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.message().contains(TOKEN));
+    // Either token of a rotation is accepted.
+    for t in [TOKEN, "next-token-0123456789abcdef"] {
+        let ok = feats
+            .get_note_features(with_token(read(), Some(t)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!ok.notes[0].found);
+    }
+    // Tagging and the schema are guarded too; health is not.
+    let err = app
+        .tag_client()
+        .await
+        .tag_note(with_token(pb::TagNoteRequest::default(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = feats
+        .get_feature_schema(with_token(pb::GetFeatureSchemaRequest {}, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut health = HealthClient::new(app.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: "tagllm.v1.FeatureService".into(),
+        })
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tagllm test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (client_cert, client_key) = leaf("ranker");
+    Pki {
+        ca: ca.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
+}
+
+async fn tls_channel(app: &App, pki: &Pki, client_identity: bool) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if client_identity {
+        tls = tls.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    }
+    Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn read_over(ch: Channel) -> Result<(), tonic::Status> {
+    pb::feature_service_client::FeatureServiceClient::new(ch)
+        .get_note_features(pb::GetNoteFeaturesRequest {
+            note_ids: vec!["n1".into()],
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&dir.path().join("data"));
+    cfg.tls.cert_file = Some(write(dir.path(), "server.pem", &pki.server_cert));
+    cfg.tls.key_file = Some(write(dir.path(), "server.key", &pki.server_key));
+    let app = App::start(cfg.clone()).await;
+    // The harness's plaintext client cannot talk to it; a TLS client trusting the CA can.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ch = loop {
+        if let Ok(ch) = tls_channel(&app, &pki, false).await {
+            break ch;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no TLS connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    read_over(ch).await.unwrap();
+    let plain = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(read_over(ch).await.is_err(), "plaintext call to a TLS port");
+    }
+    app.stop().await;
+
+    // Mutual TLS: a client without a certificate from the CA is refused in the handshake.
+    cfg.tls.client_ca_file = Some(write(dir.path(), "ca.pem", &pki.ca));
+    let app = App::start(cfg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ch = loop {
+        if let Ok(ch) = tls_channel(&app, &pki, true).await {
+            break ch;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no mTLS connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    read_over(ch).await.unwrap();
+    match tls_channel(&app, &pki, false).await {
+        Err(_) => {}
+        Ok(ch) => assert!(
+            read_over(ch).await.is_err(),
+            "mTLS let a client without a certificate in"
+        ),
+    }
+    app.stop().await;
+}
