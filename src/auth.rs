@@ -85,6 +85,36 @@ impl Tokens {
     }
 }
 
+/// Client side: adds `authorization: Bearer $TAGLLM_AUTH_TOKEN` to every call when that variable
+/// is set (what `tagllm backfill` and a replica following a primary send).
+#[derive(Clone, Default)]
+pub struct BearerInterceptor(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerInterceptor {
+    /// From [`TOKEN_ENV`]; none when unset or empty.
+    pub fn from_env() -> anyhow::Result<BearerInterceptor> {
+        match std::env::var(TOKEN_ENV) {
+            Ok(t) if !t.trim().is_empty() => {
+                let mut v =
+                    tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                        .map_err(|_| anyhow::anyhow!("{TOKEN_ENV} is not a valid header value"))?;
+                v.set_sensitive(true);
+                Ok(BearerInterceptor(Some(v)))
+            }
+            _ => Ok(BearerInterceptor(None)),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 fn exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
 }

@@ -276,10 +276,16 @@ pub async fn run(
         state.set_len(0)?;
     }
 
-    let mut client = pb::tag_service_client::TagServiceClient::connect(endpoint(&opts.addr))
+    let channel = tonic::transport::Endpoint::from_shared(endpoint(&opts.addr))
+        .with_context(|| format!("address {}", opts.addr))?
+        .connect()
         .await
-        .with_context(|| format!("connecting to {}", opts.addr))?
-        .max_decoding_message_size(64 << 20);
+        .with_context(|| format!("connecting to {}", opts.addr))?;
+    let mut client = pb::tag_service_client::TagServiceClient::with_interceptor(
+        channel,
+        crate::auth::BearerInterceptor::from_env()?,
+    )
+    .max_decoding_message_size(64 << 20);
     let window = opts.window.max(1);
     let (tx, rx) = mpsc::channel::<pb::TagNoteRequest>(window);
     let mut responses = client

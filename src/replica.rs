@@ -24,6 +24,14 @@ use crate::{
     store::{NoteCache, StoredNote},
 };
 
+/// The primary's FeatureService, with the bearer token from `TAGLLM_AUTH_TOKEN` when set.
+type Upstream = pb::feature_service_client::FeatureServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        crate::auth::BearerInterceptor,
+    >,
+>;
+
 /// Notes per local commit while catching up.
 const BATCH: usize = 256;
 
@@ -125,21 +133,21 @@ impl Follower {
 
     /// One poll: check versions, then apply every note tagged since the newest held (minus the
     /// overlap). Returns the notes applied.
-    async fn poll(
-        &self,
-        client: &mut Option<
-            pb::feature_service_client::FeatureServiceClient<tonic::transport::Channel>,
-        >,
-    ) -> Result<usize, FollowError> {
+    async fn poll(&self, client: &mut Option<Upstream>) -> Result<usize, FollowError> {
         let up = |e: &dyn std::fmt::Display| FollowError::Upstream(e.to_string());
         if client.is_none() {
-            let c = pb::feature_service_client::FeatureServiceClient::connect(
-                self.cfg.upstream.trim().to_string(),
-            )
-            .await
-            .map_err(|e| up(&e))?
-            .max_decoding_message_size(64 << 20);
-            *client = Some(c);
+            let channel =
+                tonic::transport::Endpoint::from_shared(self.cfg.upstream.trim().to_string())
+                    .map_err(|e| up(&e))?
+                    .connect()
+                    .await
+                    .map_err(|e| up(&e))?;
+            let auth = crate::auth::BearerInterceptor::from_env()
+                .map_err(|e| FollowError::Upstream(e.to_string()))?;
+            *client = Some(
+                pb::feature_service_client::FeatureServiceClient::with_interceptor(channel, auth)
+                    .max_decoding_message_size(64 << 20),
+            );
         }
         let Some(c) = client.as_mut() else {
             return Err(FollowError::Upstream("not connected".into()));

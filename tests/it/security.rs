@@ -205,3 +205,63 @@ async fn tls_and_mutual_tls() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_and_replicas_send_the_token() {
+    use crate::common::{fixture_note, Proc};
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("TAGLLM_AUTH_TOKEN", TOKEN)];
+    let primary = Proc::spawn(&dir.path().join("primary"), &env, "").await;
+    let n = fixture_note("pets_2");
+    let line = serde_json::json!({"note_id": n.note_id, "category": n.category, "title": n.title, "body": n.body});
+    let input = dir.path().join("notes.jsonl");
+    std::fs::write(&input, line.to_string()).unwrap();
+    let run = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"));
+        cmd.args(["backfill", "--quiet", "--addr", &primary.addr.to_string()])
+            .arg(&input)
+            .env_remove("TAGLLM_AUTH_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TAGLLM_AUTH_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(None);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("Unauthenticated") || out.contains("authorization"), "{out}");
+    let (code, out) = run(Some(TOKEN));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 tagged"), "{out}");
+
+    // A replica with the token follows the guarded primary and guards its own reads.
+    let upstream = format!("http://{}", primary.addr);
+    let replica = Proc::spawn(
+        &dir.path().join("replica"),
+        &[
+            ("TAGLLM_AUTH_TOKEN", TOKEN),
+            ("TAGLLM__REPLICA__UPSTREAM", upstream.as_str()),
+            ("TAGLLM__REPLICA__POLL_SECS", "1"),
+        ],
+        "tagllm.v1.FeatureService",
+    )
+    .await;
+    let mut c = replica.client().feature_client().await;
+    let req = || pb::GetNoteFeaturesRequest {
+        note_ids: vec![n.note_id.clone()],
+        ..Default::default()
+    };
+    assert_eq!(
+        c.get_note_features(with_token(req(), None)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let got = c
+        .get_note_features(with_token(req(), Some(TOKEN)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.notes[0].found);
+}
