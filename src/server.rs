@@ -105,6 +105,7 @@ pub async fn run(
     // A primary runs the engine and serves TagService; a replica follows a primary instead.
     // Either way a background task drives health: `watcher` (engine state) or the follower.
     let mut engine_parts = None;
+    let mut follow_task = None;
     let mut tag_service = None;
     let background: tokio::task::JoinHandle<()>;
     let model_version: crate::grpc::ModelVersion;
@@ -121,7 +122,7 @@ pub async fn run(
             .await;
         let mut states = follower.watch();
         let h = health.clone();
-        let follow = tokio::spawn(follower.run());
+        follow_task = Some(tokio::spawn(follower.run()));
         background = tokio::spawn(async move {
             loop {
                 let status = match &*states.borrow_and_update() {
@@ -136,7 +137,6 @@ pub async fn run(
                     break;
                 }
             }
-            follow.abort();
         });
     } else {
         let (engine, engine_thread) = start_engine(&cfg)?;
@@ -286,6 +286,11 @@ pub async fn run(
         }
     }
     background.abort();
+    // The follower holds the store: stop it, so a restart in the same process can open it.
+    if let Some(f) = follow_task {
+        f.abort();
+        let _ = f.await;
+    }
     // Dropping the last engine handle ends the engine thread; wait for it so that a restart in
     // the same process finds the model and the store released.
     if let Some((tagger, engine, engine_thread)) = engine_parts {
