@@ -227,12 +227,16 @@ async fn backfill_and_replicas_send_the_token() {
         let out = cmd.output().unwrap();
         (
             out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
         )
     };
     let (code, out) = run(None);
     assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("Unauthenticated") || out.contains("authorization"), "{out}");
+    assert!(
+        out.contains("Unauthenticated") || out.contains("authorization"),
+        "{out}"
+    );
     let (code, out) = run(Some(TOKEN));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("1 tagged"), "{out}");
@@ -255,7 +259,10 @@ async fn backfill_and_replicas_send_the_token() {
         ..Default::default()
     };
     assert_eq!(
-        c.get_note_features(with_token(req(), None)).await.unwrap_err().code(),
+        c.get_note_features(with_token(req(), None))
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unauthenticated
     );
     let got = c
