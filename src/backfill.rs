@@ -44,6 +44,8 @@ pub struct BackfillOptions {
     pub limit: usize,
     /// Draw the progress bar (it also hides itself when stderr is not a terminal).
     pub progress: bool,
+    /// TLS for an `https://` address.
+    pub tls: crate::upstream::ClientTls,
 }
 
 /// The outcome of a run.
@@ -177,14 +179,6 @@ fn code_name(code: i32) -> String {
     format!("{:?}", tonic::Code::from_i32(code))
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// A note on its way: where it came from and how often it was refused for overload.
 struct Pending {
     line: usize,
@@ -276,11 +270,7 @@ pub async fn run(
         state.set_len(0)?;
     }
 
-    let channel = tonic::transport::Endpoint::from_shared(endpoint(&opts.addr))
-        .with_context(|| format!("address {}", opts.addr))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", opts.addr))?;
+    let channel = crate::upstream::connect(&opts.addr, &opts.tls).await?;
     let mut client = pb::tag_service_client::TagServiceClient::with_interceptor(
         channel,
         crate::auth::BearerInterceptor::from_env()?,

@@ -75,6 +75,8 @@ pub struct ReplicaConfig {
     /// How far back each poll re-reads (ms), so a note whose tagging time was taken just before
     /// a poll but committed just after it is not missed.
     pub overlap_ms: i64,
+    /// TLS to an `https://` upstream: `ca_file`, and `cert_file` + `key_file` for mutual TLS.
+    pub tls: crate::upstream::ClientTls,
 }
 
 impl Default for ReplicaConfig {
@@ -83,6 +85,7 @@ impl Default for ReplicaConfig {
             upstream: String::new(),
             poll_secs: 5,
             overlap_ms: 10_000,
+            tls: crate::upstream::ClientTls::default(),
         }
     }
 }
@@ -446,6 +449,9 @@ impl Config {
                     "replica.upstream",
                     format!("{u:?} is not a URL like http://tagger:50051"),
                 );
+            }
+            if let Err(e) = crate::upstream::endpoint(u, &self.replica.tls) {
+                return bad("replica.tls", format!("{e:#}"));
             }
         }
         for (field, path) in [

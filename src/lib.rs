@@ -22,6 +22,7 @@
 //! - [`metrics`]: Prometheus series, the per-RPC tower layer, the `/metrics` endpoint.
 //! - [`backfill`]: `tagllm backfill`: a JSONL file through a server's TagNotes, resumable.
 //! - [`replica`]: read-replica mode: follow a primary's tagging-time scan into the local store.
+//! - [`upstream`]: how tagllm's own clients reach a server (URL, TLS, client certificates).
 //! - [`server`]: builds the app: health, reflection, limits, graceful shutdown.
 //!
 //! # Invariants
@@ -50,3 +51,4 @@ pub mod server;
 pub mod store;
 pub mod tagger;
 pub mod tags;
+pub mod upstream;

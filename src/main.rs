@@ -72,6 +72,15 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// CA to trust for an https:// address (PEM).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Client certificate (PEM), for a server that requires mutual TLS.
+        #[arg(long, requires = "key_file")]
+        cert_file: Option<PathBuf>,
+        /// Client private key (PEM).
+        #[arg(long, requires = "cert_file")]
+        key_file: Option<PathBuf>,
     },
     /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
     /// no store.
@@ -172,6 +181,9 @@ fn main() -> anyhow::Result<()> {
             retries,
             limit,
             quiet,
+            ca_file,
+            cert_file,
+            key_file,
         } => {
             let opts = tagllm::backfill::BackfillOptions {
                 state: state.unwrap_or_else(|| tagllm::backfill::default_state(&notes)),
@@ -184,6 +196,11 @@ fn main() -> anyhow::Result<()> {
                 retries,
                 limit,
                 progress: !quiet,
+                tls: tagllm::upstream::ClientTls {
+                    ca_file,
+                    cert_file,
+                    key_file,
+                },
             };
             let failures = opts.failures.clone();
             match rt.block_on(tagllm::backfill::run(opts, server::shutdown_signal())) {

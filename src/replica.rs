@@ -136,12 +136,9 @@ impl Follower {
     async fn poll(&self, client: &mut Option<Upstream>) -> Result<usize, FollowError> {
         let up = |e: &dyn std::fmt::Display| FollowError::Upstream(e.to_string());
         if client.is_none() {
-            let channel =
-                tonic::transport::Endpoint::from_shared(self.cfg.upstream.trim().to_string())
-                    .map_err(|e| up(&e))?
-                    .connect()
-                    .await
-                    .map_err(|e| up(&e))?;
+            let channel = crate::upstream::connect(&self.cfg.upstream, &self.cfg.tls)
+                .await
+                .map_err(|e| FollowError::Upstream(format!("{e:#}")))?;
             let auth = crate::auth::BearerInterceptor::from_env()
                 .map_err(|e| FollowError::Upstream(e.to_string()))?;
             *client = Some(

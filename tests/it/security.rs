@@ -182,10 +182,46 @@ async fn tls_and_mutual_tls() {
     if let Ok(ch) = plain {
         assert!(read_over(ch).await.is_err(), "plaintext call to a TLS port");
     }
+    // tagllm's own clients over TLS: backfill tags a note, a replica follows it.
+    let ca_path = write(dir.path(), "ca.pem", &pki.ca);
+    let upstream = format!("https://localhost:{}", app.addr.port());
+    let n = crate::common::fixture_note("digital_2");
+    let input = write(
+        dir.path(),
+        "notes.jsonl",
+        &serde_json::json!({"note_id": n.note_id, "category": n.category, "title": n.title, "body": n.body}).to_string(),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .args(["backfill", "--quiet", "--addr", &upstream, "--ca-file"])
+        .arg(&ca_path)
+        .arg(&input)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("1 tagged"), "{text}");
+    let mut rcfg = test_config(&dir.path().join("replica"));
+    rcfg.replica.upstream = upstream.clone();
+    rcfg.replica.poll_secs = 1;
+    rcfg.replica.tls.ca_file = Some(ca_path.clone());
+    let replica = App::spawn_until(rcfg, "tagllm.v1.FeatureService").await;
+    let got = replica
+        .feature_client()
+        .await
+        .get_note_features(pb::GetNoteFeaturesRequest {
+            note_ids: vec![n.note_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.notes[0].found);
+    replica.stop().await;
     app.stop().await;
 
     // Mutual TLS: a client without a certificate from the CA is refused in the handshake.
-    cfg.tls.client_ca_file = Some(write(dir.path(), "ca.pem", &pki.ca));
+    cfg.tls.client_ca_file = Some(ca_path.clone());
     let app = App::start(cfg).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let ch = loop {
@@ -203,6 +239,15 @@ async fn tls_and_mutual_tls() {
             "mTLS let a client without a certificate in"
         ),
     }
+    // A replica with a client certificate follows a server that requires one.
+    let mut rcfg = test_config(&dir.path().join("replica-mtls"));
+    rcfg.replica.upstream = format!("https://localhost:{}", app.addr.port());
+    rcfg.replica.poll_secs = 1;
+    rcfg.replica.tls.ca_file = Some(ca_path);
+    rcfg.replica.tls.cert_file = Some(write(dir.path(), "client.pem", &pki.client_cert));
+    rcfg.replica.tls.key_file = Some(write(dir.path(), "client.key", &pki.client_key));
+    let replica = App::spawn_until(rcfg, "tagllm.v1.FeatureService").await;
+    replica.stop().await;
     app.stop().await;
 }
 
