@@ -39,15 +39,15 @@ fn format_name(f: ImageFormat) -> Option<&'static str> {
 /// Checks one inline image (`field` names it in errors) and decodes it fully under limits.
 pub fn check(field: &str, bytes: &[u8], limits: &Limits) -> Result<ImageInfo, Error> {
     let bad = |reason: String| Error::invalid(field, reason);
-    let format = image::guess_format(bytes)
+    let (image_format, format) = image::guess_format(bytes)
         .ok()
-        .and_then(format_name)
+        .and_then(|f| format_name(f).map(|name| (f, name)))
         .ok_or_else(|| bad("is not a PNG, JPEG, WebP or GIF image".into()))?;
     let mut reader = ImageReader::new(Cursor::new(bytes));
-    reader.set_format(image::guess_format(bytes).map_err(|e| bad(e.to_string()))?);
+    reader.set_format(image_format);
     // Sides and pixels are checked below with messages that name the limit; the allocation cap
-    // backs them up inside the decoders. The largest legitimate buffer is 16-bit RGBA at the pixel limit; decoders get a little more
-    // for their own state.
+    // backs them up inside the decoders. The largest legitimate buffer is 16-bit RGBA at the
+    // pixel limit; decoders get a little more for their own state.
     let mut lim = image::Limits::default();
     lim.max_alloc = Some(limits.max_image_pixels.saturating_mul(8) + (16 << 20));
     reader.limits(lim);

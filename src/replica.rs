@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 
 use crate::{
     config::ReplicaConfig,
-    domain::{now_ms, Tag, Versions},
+    domain::{now_ms, Versions},
     grpc::pb,
     handbook::Handbook,
     store::{NoteCache, StoredNote},
@@ -242,11 +242,7 @@ impl Follower {
             tags: nf
                 .tags
                 .into_iter()
-                .map(|t| Tag {
-                    dimension: t.dimension,
-                    value: t.value,
-                    score: t.score,
-                })
+                .map(crate::grpc::tag_from_proto)
                 .collect(),
             tagged_at_ms: nf.tagged_at_ms,
             raw_output: String::new(),

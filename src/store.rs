@@ -276,6 +276,13 @@ impl NoteCache {
         &self.store
     }
 
+    /// Caches `e` (the only way entries enter the cache, so the size gauge is kept here, off
+    /// the read path).
+    fn insert(&self, e: &Arc<CachedNote>) {
+        self.cache.insert(e.record.note_id.clone(), e.clone());
+        metrics::gauge!("tagllm_cache_entries").set(self.cache.entry_count() as f64);
+    }
+
     fn entry(&self, record: StoredNote) -> Arc<CachedNote> {
         let features = self.schema.features(&record.tags);
         Arc::new(CachedNote { record, features })
@@ -288,7 +295,6 @@ impl NoteCache {
         metrics::counter!("tagllm_cache_lookups_total", "result" => "hit").increment(hits);
         metrics::counter!("tagllm_cache_lookups_total", "result" => "miss")
             .increment(ids.len() as u64 - hits);
-        metrics::gauge!("tagllm_cache_entries").set(self.cache.entry_count() as f64);
         found
     }
 
@@ -307,7 +313,7 @@ impl NoteCache {
         for (&i, rec) in missing.iter().zip(records) {
             if let Some(rec) = rec {
                 let e = self.entry(rec);
-                self.cache.insert(e.record.note_id.clone(), e.clone());
+                self.insert(&e);
                 found[i] = Some(e);
             }
         }
@@ -325,7 +331,7 @@ impl NoteCache {
     pub fn put(&self, record: StoredNote) -> Result<Arc<CachedNote>, StoreError> {
         time_store("put", || self.store.put(&record))?;
         let e = self.entry(record);
-        self.cache.insert(e.record.note_id.clone(), e.clone());
+        self.insert(&e);
         Ok(e)
     }
 
@@ -335,8 +341,7 @@ impl NoteCache {
         for r in records {
             // Only refresh notes already hot: a replica's catch-up must not evict them.
             if self.cache.contains_key(&r.note_id) {
-                let e = self.entry(r);
-                self.cache.insert(e.record.note_id.clone(), e);
+                self.insert(&self.entry(r));
             }
         }
         Ok(())

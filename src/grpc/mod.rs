@@ -94,6 +94,15 @@ fn tag_to_proto(t: &crate::domain::Tag) -> pb::Tag {
     }
 }
 
+/// The inverse of `tag_to_proto` (a replica reading its primary's tags).
+pub fn tag_from_proto(t: pb::Tag) -> crate::domain::Tag {
+    crate::domain::Tag {
+        dimension: t.dimension,
+        value: t.value,
+        score: t.score,
+    }
+}
+
 /// Proto features of a stored note, restricted to `groups` (indices into the schema).
 pub fn note_features_to_proto(
     e: &CachedNote,

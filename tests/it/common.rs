@@ -273,3 +273,43 @@ pub fn test_venv() -> std::path::PathBuf {
     );
     venv
 }
+
+/// Runs `tagllm backfill --quiet ARGS`, with `TAGLLM_AUTH_TOKEN` set to `token` (or unset);
+/// returns the exit code (-1 when killed by a signal) and stdout + stderr.
+pub fn backfill(args: &[&std::ffi::OsStr], token: Option<&str>) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"));
+    cmd.args(["backfill", "--quiet"])
+        .args(args)
+        .env_remove("TAGLLM_AUTH_TOKEN");
+    if let Some(t) = token {
+        cmd.env("TAGLLM_AUTH_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+impl App {
+    /// Every stored note, as ScanNoteFeatures streams it (with tags).
+    pub async fn scan_all(&self) -> Vec<pb::NoteFeatures> {
+        let mut s = self
+            .feature_client()
+            .await
+            .scan_note_features(pb::ScanNoteFeaturesRequest {
+                include_tags: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(n) = s.message().await.unwrap() {
+            out.push(n);
+        }
+        out
+    }
+}

@@ -120,21 +120,13 @@ async fn sigkill_never_loses_an_acknowledged_note() {
     // A last start: the store opens and serves every acknowledged note, and a full scan
     // reads every record (nothing half-written).
     let p = Proc::spawn(&data, &env(), "tagllm.v1.FeatureService").await;
-    let mut scan = p
+    let scanned: BTreeMap<String, pb::NoteFeatures> = p
         .client()
-        .feature_client()
+        .scan_all()
         .await
-        .scan_note_features(pb::ScanNoteFeaturesRequest {
-            include_tags: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut scanned = BTreeMap::new();
-    while let Some(n) = scan.message().await.unwrap() {
-        scanned.insert(n.note_id.clone(), n);
-    }
+        .into_iter()
+        .map(|n| (n.note_id.clone(), n))
+        .collect();
     for (id, f) in &acked {
         assert_eq!(scanned.get(id), Some(f), "note {id}");
     }

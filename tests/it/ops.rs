@@ -291,18 +291,8 @@ fn jsonl_line(name: &str) -> String {
 }
 
 fn backfill(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"))
-        .arg("backfill")
-        .args(args)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    crate::common::backfill(&args, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

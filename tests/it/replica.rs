@@ -100,23 +100,7 @@ async fn a_replica_follows_the_primary_and_serves_identical_features() {
     // The whole store scans the same on both.
     let scan = |p: &Proc| {
         let app = p.client();
-        async move {
-            let mut s = app
-                .feature_client()
-                .await
-                .scan_note_features(pb::ScanNoteFeaturesRequest {
-                    include_tags: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(n) = s.message().await.unwrap() {
-                out.push(n);
-            }
-            out
-        }
+        async move { app.scan_all().await }
     };
     assert_eq!(scan(&replica).await.len(), 3);
     assert_eq!(scan(&replica).await, scan(&primary).await);

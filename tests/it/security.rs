@@ -191,15 +191,17 @@ async fn tls_and_mutual_tls() {
         "notes.jsonl",
         &serde_json::json!({"note_id": n.note_id, "category": n.category, "title": n.title, "body": n.body}).to_string(),
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"))
-        .args(["backfill", "--quiet", "--addr", &upstream, "--ca-file"])
-        .arg(&ca_path)
-        .arg(&input)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = crate::common::backfill(
+        &[
+            "--addr".as_ref(),
+            upstream.as_ref(),
+            "--ca-file".as_ref(),
+            ca_path.as_os_str(),
+            input.as_os_str(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains("1 tagged"), "{text}");
     let mut rcfg = test_config(&dir.path().join("replica"));
     rcfg.replica.upstream = upstream.clone();
@@ -261,29 +263,21 @@ async fn backfill_and_replicas_send_the_token() {
     let line = serde_json::json!({"note_id": n.note_id, "category": n.category, "title": n.title, "body": n.body});
     let input = dir.path().join("notes.jsonl");
     std::fs::write(&input, line.to_string()).unwrap();
+    let addr = primary.addr.to_string();
     let run = |token: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"));
-        cmd.args(["backfill", "--quiet", "--addr", &primary.addr.to_string()])
-            .arg(&input)
-            .env_remove("TAGLLM_AUTH_TOKEN");
-        if let Some(t) = token {
-            cmd.env("TAGLLM_AUTH_TOKEN", t);
-        }
-        let out = cmd.output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
+        crate::common::backfill(
+            &["--addr".as_ref(), addr.as_ref(), input.as_os_str()],
+            token,
         )
     };
     let (code, out) = run(None);
-    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("Unauthenticated") || out.contains("authorization"),
         "{out}"
     );
     let (code, out) = run(Some(TOKEN));
-    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 tagged"), "{out}");
 
     // A replica with the token follows the guarded primary and guards its own reads.
