@@ -178,7 +178,7 @@ fn dump_prompts(cfg: &Config, handbook: &Handbook, notes: &[pb::Note]) {
             let cat = handbook.resolve(&note.category);
             let ids = model
                 .encode_chat(
-                    &prompt::messages(&note, cat, &cfg.limits),
+                    &prompt::messages(&note, cat, &cfg.limits, 0),
                     &prompt::assistant_prefix(cat),
                 )
                 .unwrap();

@@ -179,8 +179,18 @@ impl Decoding {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// GGUF file of a llama-family text model.
+    /// A GGUF file of a llama-family text model, or a directory holding a Qwen3-VL checkpoint in
+    /// Hugging Face layout (`config.json`, `*.safetensors`, `tokenizer.json`, ...), which reads
+    /// the notes' images.
     pub path: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    pub device: String,
+    /// Weight dtype of a checkpoint directory: `auto` (F32 on CPU, BF16 on CUDA), `f32`, `bf16`
+    /// or `f16`. GGUF files keep their own formats.
+    pub dtype: String,
+    /// Images are resized (aspect kept) to at most this many pixels before the vision tower:
+    /// Qwen3-VL spends one prompt token per 32x32 pixels, so the default, 448x448, is 196 tokens.
+    pub image_max_pixels: usize,
     /// Weight format in memory.
     pub requantize: Requantize,
     /// `constrained` (default) or `unconstrained`.
@@ -286,10 +296,29 @@ impl Default for ServerConfig {
     }
 }
 
+impl ModelConfig {
+    /// `model.dtype` as a candle dtype (`None` for `auto`).
+    pub fn parse_dtype(&self) -> Result<Option<candle_core::DType>, String> {
+        use candle_core::DType;
+        match self.dtype.as_str() {
+            "auto" => Ok(None),
+            "f32" => Ok(Some(DType::F32)),
+            "bf16" => Ok(Some(DType::BF16)),
+            "f16" => Ok(Some(DType::F16)),
+            other => Err(format!(
+                "{other:?} is not \"auto\", \"f32\", \"bf16\" or \"f16\""
+            )),
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             path: PathBuf::from("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            image_max_pixels: 200_704,
             requantize: Requantize::Q8_0,
             decoding: Decoding::Constrained,
             max_new_tokens: 96,
@@ -377,7 +406,7 @@ impl Config {
                 reason: reason.into(),
             })
         }
-        let positive: [(&'static str, usize); 13] = [
+        let positive: [(&'static str, usize); 14] = [
             ("limits.max_note_id_bytes", self.limits.max_note_id_bytes),
             ("limits.max_category_bytes", self.limits.max_category_bytes),
             ("limits.max_title_chars", self.limits.max_title_chars),
@@ -399,6 +428,7 @@ impl Config {
             ("limits.max_tag_chars", self.limits.max_tag_chars),
             ("model.max_new_tokens", self.model.max_new_tokens),
             ("model.queue_capacity", self.model.queue_capacity),
+            ("model.image_max_pixels", self.model.image_max_pixels),
             ("server.stream_concurrency", self.server.stream_concurrency),
         ];
         if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 {
@@ -424,6 +454,18 @@ impl Config {
                 format!(
                     "{} leaves no room for a prompt next to max_new_tokens = {}",
                     self.model.context_tokens, self.model.max_new_tokens
+                ),
+            );
+        }
+        if let Err(e) = self.model.parse_dtype() {
+            return bad("model.dtype", e);
+        }
+        if !(self.model.device == "cpu" || self.model.device.starts_with("cuda")) {
+            return bad(
+                "model.device",
+                format!(
+                    "{:?} is not \"cpu\", \"cuda\" or \"cuda:N\"",
+                    self.model.device
                 ),
             );
         }
@@ -463,13 +505,24 @@ impl Config {
             if field == "model.path" && self.replica.enabled() {
                 continue;
             }
-            if !path.is_file() {
+            // A model may also be a checkpoint directory.
+            let ok = if field == "model.path" {
+                path.is_file() || path.join("config.json").is_file()
+            } else {
+                path.is_file()
+            };
+            if !ok {
                 let hint = if field == "model.path" {
                     " (run models/fetch_default_model.sh for the default model)"
                 } else {
                     ""
                 };
-                return bad(field, format!("{} is not a file{hint}", path.display()));
+                let what = if field == "model.path" {
+                    "a GGUF file or a checkpoint directory with a config.json"
+                } else {
+                    "a file"
+                };
+                return bad(field, format!("{} is not {what}{hint}", path.display()));
             }
         }
         match (&self.tls.cert_file, &self.tls.key_file) {

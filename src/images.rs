@@ -13,6 +13,7 @@ use crate::{
     config::Limits,
     domain::{ImageRef, Note},
     error::Error,
+    model::qwen3vl::image_proc::{self, ProcessedImage, ProcessorConfig},
 };
 
 /// What an accepted image is.
@@ -127,6 +128,47 @@ pub async fn check_note_blocking(
     tokio::task::spawn_blocking(move || check_note(&note, &limits).map(|infos| (note, infos)))
         .await
         .map_err(Error::internal)?
+}
+
+/// Turns a note's inline images into vision-tower input for a multimodal model: each is decoded
+/// (EXIF orientation applied, alpha composited over white, under the same allocation cap as
+/// [`check`]), resized and normalised as the model's processor does. Runs on the blocking pool,
+/// one image decode per core. URIs are not fetched (no network at run time): they are skipped.
+pub async fn preprocess_note(
+    note: &Note,
+    processor: std::sync::Arc<ProcessorConfig>,
+    limits: &Limits,
+) -> Result<Vec<ProcessedImage>, Error> {
+    let inline: Vec<(usize, Vec<u8>)> = note
+        .images
+        .iter()
+        .enumerate()
+        .filter_map(|(i, img)| match img {
+            ImageRef::Bytes(b) => Some((i, b.clone())),
+            ImageRef::Uri(_) => None,
+        })
+        .collect();
+    if inline.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _permit = decode_permits().acquire().await.map_err(Error::internal)?;
+    let max_alloc = limits.max_image_pixels.saturating_mul(8) + (16 << 20);
+    tokio::task::spawn_blocking(move || {
+        inline
+            .iter()
+            .map(|(i, bytes)| {
+                let mut lim = image::Limits::default();
+                lim.max_alloc = Some(max_alloc);
+                let field = format!("note.images[{i}].data");
+                let rgb = image_proc::decode_rgb(bytes, lim)
+                    .map_err(|e| Error::invalid(&field, e.to_string()))?;
+                image_proc::preprocess(&rgb, &processor)
+                    .map_err(|e| Error::invalid(&field, e.to_string()))
+            })
+            .collect()
+    })
+    .await
+    .map_err(Error::internal)?
 }
 
 #[cfg(test)]

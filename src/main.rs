@@ -97,9 +97,12 @@ struct CommonArgs {
     /// Config file (TOML); `TAGLLM__SECTION__KEY` env vars override it, flags override both.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// GGUF model file.
+    /// Model: a GGUF file, or a Qwen3-VL checkpoint directory (reads images).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long)]
+    device: Option<String>,
     /// User Interest Handbook (TOML).
     #[arg(long)]
     handbook: Option<PathBuf>,
@@ -124,6 +127,9 @@ fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
     let mut cfg = Config::load(common.config.as_deref())?;
     if let Some(m) = &common.model {
         cfg.model.path = m.clone();
+    }
+    if let Some(d) = &common.device {
+        cfg.model.device = d.clone();
     }
     if let Some(h) = &common.handbook {
         cfg.handbook = h.clone();

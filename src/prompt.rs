@@ -16,8 +16,9 @@ pub fn assistant_prefix(category: &Category) -> String {
     format!("{{\"{}\": [\"", category.dimensions[0].key)
 }
 
-/// The chat messages that ask the model to tag `note` along `category`'s dimensions.
-pub fn messages(note: &Note, category: &Category, limits: &Limits) -> Vec<Message> {
+/// The chat messages that ask the model to tag `note` along `category`'s dimensions; `images`
+/// of the note's images are shown to the model before the user message's text.
+pub fn messages(note: &Note, category: &Category, limits: &Limits, images: usize) -> Vec<Message> {
     let keys: Vec<&str> = category.dimensions.iter().map(|d| d.key.as_str()).collect();
     let system = format!(
         "You tag user notes of a shopping community for a recommender system. Read the note and \
@@ -36,7 +37,10 @@ pub fn messages(note: &Note, category: &Category, limits: &Limits) -> Vec<Messag
     if !note.body.is_empty() {
         user.push_str(&format!("Body: {}\n", note.body));
     }
-    vec![Message::new("system", system), Message::new("user", user)]
+    vec![
+        Message::new("system", system),
+        Message::with_images("user", user, images),
+    ]
 }
 
 #[cfg(test)]
@@ -59,7 +63,7 @@ mod tests {
         }
         .validate(&Limits::default())
         .unwrap();
-        let m = messages(&note, h.resolve("sneakers"), &Limits::default());
+        let m = messages(&note, h.resolve("sneakers"), &Limits::default(), 0);
         assert_eq!(m.len(), 2);
         assert!(m[0].content.contains("brand"));
         assert!(m[1].content.contains("- colorway:"));

@@ -61,6 +61,9 @@ pub fn start_engine(cfg: &Config) -> anyhow::Result<(EngineHandle, std::thread::
     EngineHandle::spawn(EngineConfig {
         model_path: cfg.model.path.clone(),
         requantize: cfg.model.requantize,
+        device: cfg.model.device.clone(),
+        dtype: cfg.model.parse_dtype().map_err(anyhow::Error::msg)?,
+        image_max_pixels: cfg.model.image_max_pixels,
         queue_capacity: cfg.model.queue_capacity,
         context_tokens: cfg.model.context_tokens,
     })

@@ -162,6 +162,23 @@ impl Tagger {
                 note.images.len()
             ));
         }
+        let images = match (&info.image_processor, info.multimodal) {
+            (Some(proc), true) => {
+                let uris = note
+                    .images
+                    .iter()
+                    .filter(|i| matches!(i, ImageRef::Uri(_)))
+                    .count();
+                if uris > 0 {
+                    warnings.push(format!(
+                        "{uris} image URI(s) not used: the server does not fetch URIs; send the bytes"
+                    ));
+                }
+                crate::images::preprocess_note(note, proc.clone(), &self.limits).await?
+            }
+            _ => Vec::new(),
+        };
+        let images_used = images.len() as u32;
         if self.handbook.lookup(&note.category).is_none() {
             warnings.push(format!(
                 "category {:?} is not in handbook {}: used the fallback entry {:?}",
@@ -175,7 +192,8 @@ impl Tagger {
         let (tx, rx) = oneshot::channel();
         self.engine
             .try_submit(Job {
-                messages: prompt::messages(note, category, &self.limits),
+                messages: prompt::messages(note, category, &self.limits, images.len()),
+                images,
                 max_new_tokens: self.max_new_tokens,
                 assistant_prefix: prefix.clone(),
                 grammar,
@@ -219,14 +237,7 @@ impl Tagger {
                 grammar_compile_ms: g.grammar_compile_ms,
                 mask_us: g.mask_us,
             },
-            images_used: if info.multimodal {
-                note.images
-                    .iter()
-                    .filter(|i| matches!(i, ImageRef::Bytes(_)))
-                    .count() as u32
-            } else {
-                0
-            },
+            images_used,
             warnings,
         })
     }

@@ -5,23 +5,58 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// Images shown before the text (multimodal models). With images, the template sees the
+    /// content as a list, `[{"type": "image"}, ..., {"type": "text", "text": content}]`, the shape
+    /// Hugging Face chat templates of vision-language models expect.
+    pub images: usize,
 }
 
 impl Message {
-    /// A message with `role` and `content`.
+    /// A text message with `role` and `content`.
     pub fn new(role: &str, content: impl Into<String>) -> Message {
         Message {
             role: role.to_string(),
             content: content.into(),
+            images: 0,
+        }
+    }
+
+    /// A message that shows `images` images, then `content`.
+    pub fn with_images(role: &str, content: impl Into<String>, images: usize) -> Message {
+        Message {
+            images,
+            ..Message::new(role, content)
         }
     }
 }
+
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("role", &self.role)?;
+        if self.images == 0 {
+            m.serialize_entry("content", &self.content)?;
+        } else {
+            let mut parts: Vec<serde_json::Value> = (0..self.images)
+                .map(|_| serde_json::json!({"type": "image"}))
+                .collect();
+            parts.push(serde_json::json!({"type": "text", "text": self.content}));
+            m.serialize_entry("content", &parts)?;
+        }
+        m.end()
+    }
+}
+
+/// A Qwen3-VL style ChatML template with image markup, for vision-language checkpoints that carry
+/// no template of their own.
+pub const CHATML_VL: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// ChatML, for checkpoints that carry no template.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -95,6 +130,18 @@ mod tests {
             )
             .unwrap();
         assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn images_render_as_content_parts() {
+        let t = ChatTemplate::new(CHATML_VL, "", "<|im_end|>").unwrap();
+        let s = t
+            .render(&[Message::with_images("user", "U", 2)], true)
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>U<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

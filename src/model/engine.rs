@@ -10,7 +10,10 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{chat::Message, GenParams, Generation, ModelError, ModelInfo, TextModel};
+use super::{
+    chat::Message, qwen3vl::image_proc::ProcessedImage, GenParams, Generation, LoadOptions,
+    ModelError, ModelInfo, TextModel,
+};
 use crate::config::Requantize;
 
 /// What the engine needs to start.
@@ -20,6 +23,12 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     /// Weight format in memory.
     pub requantize: Requantize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Weight dtype of a checkpoint directory (`None`: by device).
+    pub dtype: Option<candle_core::DType>,
+    /// Pixel cap per image.
+    pub image_max_pixels: usize,
     /// Waiting jobs before `try_submit` refuses.
     pub queue_capacity: usize,
     /// Prompt + generation limit.
@@ -41,6 +50,8 @@ pub enum EngineState {
 pub struct Job {
     /// Chat messages (system, user).
     pub messages: Vec<Message>,
+    /// Images for the messages' image slots, in order (multimodal models).
+    pub images: Vec<ProcessedImage>,
     /// Most new tokens.
     pub max_new_tokens: usize,
     /// Opening of the assistant turn (continued by generation).
@@ -170,7 +181,22 @@ impl EngineHandle {
 
 fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<EngineState>) {
     let t0 = Instant::now();
-    let mut model = match TextModel::load(&cfg.model_path, cfg.requantize) {
+    let device = match super::parse_device(&cfg.device) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "no device");
+            state.send_replace(EngineState::Failed(e));
+            return;
+        }
+    };
+    let opts = LoadOptions {
+        requantize: cfg.requantize,
+        context_tokens: cfg.context_tokens,
+        device,
+        dtype: cfg.dtype,
+        image_max_pixels: cfg.image_max_pixels,
+    };
+    let mut model = match TextModel::load_with(&cfg.model_path, &opts) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(error = %e, "model failed to load");
@@ -213,7 +239,10 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
         metrics::histogram!("tagllm_engine_batch_size").record(1.0);
         let queue = job.enqueued.elapsed();
         let reply = &job.reply;
-        let room = cfg.context_tokens.saturating_sub(job.max_new_tokens);
+        let room = cfg
+            .context_tokens
+            .saturating_sub(job.max_new_tokens)
+            .saturating_sub(model.extra_image_tokens(&job.images));
         let result = model
             .encode_chat_within(&job.messages, &job.assistant_prefix, room)
             .and_then(|(prompt, truncated)| {
@@ -225,7 +254,7 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
                     grammar: job.grammar.clone(),
                 };
                 model
-                    .generate(&prompt, &params, &|| reply.is_closed())
+                    .generate_with_images(&prompt, &job.images, &params, &|| reply.is_closed())
                     .map(|generation| JobOutput {
                         generation,
                         queue,

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod constrain;
 pub mod engine;
+pub mod qwen3vl;
 pub mod tokenizer;
 
 use std::{
@@ -17,14 +18,15 @@ use std::{
 
 use candle_core::{
     quantized::{gguf_file, GgmlDType, QTensor},
-    Device, Tensor,
+    DType, Device, Tensor,
 };
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use sha2::{Digest, Sha256};
 
 use crate::config::Requantize;
 use crate::tags::ValueTracker;
-use chat::{ChatTemplate, Message, CHATML};
+use chat::{ChatTemplate, Message, CHATML, CHATML_VL};
+use qwen3vl::image_proc::{ProcessedImage, ProcessorConfig};
 use tokenizer::SpecialTokens;
 
 /// A model failure.
@@ -74,12 +76,25 @@ pub struct ModelInfo {
     pub multimodal: bool,
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// How images are turned into pixels for the vision tower (multimodal models only), with the
+    /// service's pixel cap applied.
+    pub image_processor: Option<Arc<ProcessorConfig>>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// The architectures candle-transformers implements for quantized GGUF text models.
 enum Weights {
     Llama(quantized_llama::ModelWeights),
     Qwen2(quantized_qwen2::ModelWeights),
+    /// A Qwen3-VL checkpoint in Hugging Face layout, with its one sequence's cache.
+    Vl(Box<VlWeights>),
+}
+
+struct VlWeights {
+    model: qwen3vl::Qwen3Vl,
+    cache: qwen3vl::KvCache,
+    rope_delta: i64,
 }
 
 impl Weights {
@@ -100,12 +115,75 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward(x, pos),
             Weights::Qwen2(m) => m.forward(x, pos),
+            Weights::Vl(_) => candle_core::bail!("Qwen3-VL steps go through TextModel::step"),
         }
     }
 }
 
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Weight format of GGUF models in memory.
+    pub requantize: Requantize,
+    /// Prompt + generation limit; Qwen3-VL's KV cache is allocated to this size once.
+    pub context_tokens: usize,
+    /// Where the model runs.
+    pub device: Device,
+    /// Weight dtype of Hugging Face checkpoints (`None`: F32 on CPU, BF16 on CUDA).
+    pub dtype: Option<DType>,
+    /// Images are resized to at most this many pixels (one LLM token per 32x32 pixels).
+    pub image_max_pixels: usize,
+}
+
+impl LoadOptions {
+    /// CPU defaults with `requantize`.
+    pub fn cpu(requantize: Requantize) -> LoadOptions {
+        LoadOptions {
+            requantize,
+            context_tokens: 4096,
+            device: Device::Cpu,
+            dtype: None,
+            image_max_pixels: 200_704,
+        }
+    }
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N` (the latter two need the `cuda` feature).
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| format!("{name:?} is not \"cpu\", \"cuda\" or \"cuda:N\""))?,
+                None => return Err(format!("{name:?} is not \"cpu\", \"cuda\" or \"cuda:N\"")),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(format!(
+                    "device {name:?}: this build has no CUDA support (build with --features cuda)"
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| format!("device {name:?}: {e}"))
+        }
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match d.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        _ => format!("{:?}", d.location()),
+    }
+}
+
 /// Architectures (`general.architecture`) that load.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3_vl"];
 
 /// A loaded text model with its tokenizer and chat template.
 pub struct TextModel {
@@ -213,10 +291,20 @@ fn requantize_q4_1<R: Read + Seek>(
 }
 
 impl TextModel {
-    /// Loads a quantized GGUF text model of the llama family (`llama` or `qwen2` architecture,
-    /// through candle-transformers' quantized implementations) on the CPU.
+    /// Loads a model on the CPU with default options: see [`TextModel::load_with`].
     pub fn load(path: &Path, requantize: Requantize) -> Result<TextModel, ModelError> {
-        let device = Device::Cpu;
+        TextModel::load_with(path, &LoadOptions::cpu(requantize))
+    }
+
+    /// Loads `path`: a directory is a Hugging Face checkpoint (Qwen3-VL, our own implementation,
+    /// [`qwen3vl`]); a file is a quantized GGUF text model of the llama family (`llama` or `qwen2`
+    /// architecture, through candle-transformers' quantized implementations).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<TextModel, ModelError> {
+        if path.is_dir() {
+            return TextModel::load_hf_dir(path, opts);
+        }
+        let requantize = opts.requantize;
+        let device = opts.device.clone();
         let digest = file_digest(path).map_err(|e| load_err(path, e))?;
         let mut file = File::open(path).map_err(|e| load_err(path, e))?;
         let ct = gguf_file::Content::read(&mut file).map_err(|e| load_err(path, e))?;
@@ -271,15 +359,126 @@ impl TextModel {
             special,
             template,
             constrainer,
-            device,
             info: ModelInfo {
                 version: format!("{stem}@{}:{format}", &digest[..12]),
                 name,
                 architecture,
                 multimodal: false,
                 vocab_size,
+                image_processor: None,
+                device: device_name(&device),
+            },
+            device,
+        })
+    }
+
+    fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<TextModel, ModelError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| load_err(&dir.join(name), e))
+        };
+        let config = qwen3vl::Config::parse(&read("config.json")?).map_err(|e| load_err(dir, e))?;
+        let device = opts.device.clone();
+        let dtype = match opts.dtype {
+            Some(d) => d,
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+        };
+        // BF16 vision on CPU fails in candle 0.11; the tower is small next to the decoder.
+        let vision_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| load_err(&tokenizer_path, e))?;
+        let special = tokenizer::from_hf_dir(dir, &tokenizer).map_err(|e| load_err(dir, e))?;
+        let template_src = tokenizer::hf_chat_template(dir)
+            .map_err(|e| load_err(dir, e))?
+            .unwrap_or_else(|| CHATML_VL.to_string());
+        let template = ChatTemplate::new(&template_src, &special.bos_text, &special.eos_text)
+            .map_err(|e| load_err(dir, e))?;
+        let mut proc = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
+            Ok(text) => ProcessorConfig::from_json(&text).map_err(|e| load_err(dir, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProcessorConfig::default(),
+            Err(e) => return Err(load_err(&dir.join("preprocessor_config.json"), e)),
+        };
+        let v = &config.vision;
+        if proc.patch_size != v.patch_size
+            || proc.merge_size != v.spatial_merge_size
+            || proc.temporal_patch_size != v.temporal_patch_size
+        {
+            return Err(load_err(
+                dir,
+                "preprocessor_config.json and config.json disagree on patch, merge or temporal size",
+            ));
+        }
+        let factor = proc.factor() * proc.factor();
+        proc.max_pixels = proc.max_pixels.min(opts.image_max_pixels.max(factor));
+        proc.min_pixels = proc.min_pixels.min(proc.max_pixels);
+        let digest = tokenizer::dir_digest(dir).map_err(|e| load_err(dir, e))?;
+        let model = qwen3vl::Qwen3Vl::load(dir, config, dtype, vision_dtype, &device)
+            .map_err(|e| load_err(dir, e))?;
+        let cache = model
+            .new_cache(opts.context_tokens)
+            .map_err(|e| load_err(dir, e))?;
+        let vocab_size = model.config.text.vocab_size;
+        let constrainer =
+            constrain::Constrainer::new(&tokenizer, &special.stop).map_err(|e| load_err(dir, e))?;
+        let stem = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let format = format!("{dtype:?}").to_lowercase();
+        Ok(TextModel {
+            weights: Weights::Vl(Box::new(VlWeights {
+                model,
+                cache,
+                rope_delta: 0,
+            })),
+            text_tokenizer: {
+                let mut t = tokenizer.clone();
+                t.set_encode_special_tokens(true);
+                t
+            },
+            tokenizer,
+            special,
+            template,
+            constrainer,
+            device: device.clone(),
+            info: ModelInfo {
+                version: format!("{stem}@{}:{format}", &digest[..12]),
+                name: stem,
+                architecture: "qwen3_vl".into(),
+                multimodal: true,
+                vocab_size,
+                image_processor: Some(Arc::new(proc)),
+                device: device_name(&device),
             },
         })
+    }
+
+    /// LLM tokens the images add to a prompt beyond their one placeholder each.
+    pub fn extra_image_tokens(&self, images: &[ProcessedImage]) -> usize {
+        match &self.weights {
+            Weights::Vl(w) => images
+                .iter()
+                .map(|p| {
+                    w.model
+                        .image_tokens(&qwen3vl::Grid {
+                            t: p.grid_thw[0],
+                            h: p.grid_thw[1],
+                            w: p.grid_thw[2],
+                        })
+                        .saturating_sub(1)
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// The Qwen3-VL model, when that is what this is (for tests and benchmarks of its batch API).
+    pub fn qwen3vl(&self) -> Option<&qwen3vl::Qwen3Vl> {
+        match &self.weights {
+            Weights::Vl(w) => Some(&w.model),
+            _ => None,
+        }
     }
 
     /// The grammar compiler for this model's tokenizer.
@@ -307,7 +506,7 @@ impl TextModel {
         let masked: Vec<Message> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| Message::new(&m.role, placeholder(i)))
+            .map(|(i, m)| Message::with_images(&m.role, placeholder(i), m.images))
             .collect();
         let mut text = self.template.render(&masked, true).map_err(rt)?;
         text.push_str(assistant_prefix);
@@ -411,6 +610,27 @@ impl TextModel {
 
     /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
+        if pos == 0 && matches!(self.weights, Weights::Vl(_)) {
+            return self.prefill(tokens, &[]).map(|(l, _)| l);
+        }
+        if let Weights::Vl(w) = &mut self.weights {
+            let VlWeights {
+                model,
+                cache,
+                rope_delta,
+            } = &mut **w;
+            let mut last = None;
+            for &t in tokens {
+                let l = model
+                    .decode(&[t], &[*rope_delta], &mut [&mut *cache])
+                    .map_err(rt)?;
+                last = l.into_iter().next();
+            }
+            return last
+                .ok_or_else(|| rt("no tokens"))?
+                .to_vec1::<f32>()
+                .map_err(rt);
+        }
         let input = Tensor::new(tokens, &self.device)
             .and_then(|t| t.unsqueeze(0))
             .map_err(rt)?;
@@ -422,6 +642,51 @@ impl TextModel {
             .map_err(rt)
     }
 
+    /// Feeds a whole prompt to an empty sequence; `images` fill the prompt's image placeholders,
+    /// in order (multimodal models only). Returns the next-token logits and the prompt's length in
+    /// tokens once images are expanded.
+    pub fn prefill(
+        &mut self,
+        prompt: &[u32],
+        images: &[ProcessedImage],
+    ) -> Result<(Vec<f32>, usize), ModelError> {
+        let Weights::Vl(w) = &mut self.weights else {
+            if !images.is_empty() {
+                return Err(rt("this model reads no images"));
+            }
+            let input = Tensor::new(prompt, &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(rt)?;
+            let logits = self.weights.forward(&input, 0).map_err(rt)?;
+            let logits = logits
+                .squeeze(0)
+                .and_then(|l| l.to_dtype(DType::F32))
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(rt)?;
+            return Ok((logits, prompt.len()));
+        };
+        let prepared = w.model.prepare(prompt, images).map_err(rt)?;
+        if prepared.tokens.len() > w.cache.capacity() {
+            return Err(ModelError::PromptTooLong {
+                tokens: prepared.tokens.len(),
+                limit: w.cache.capacity(),
+            });
+        }
+        w.cache.reset();
+        let logits = w
+            .model
+            .prefill(&[&prepared], &mut [&mut w.cache], false)
+            .map_err(rt)?;
+        w.rope_delta = prepared.rope_delta;
+        let logits = logits
+            .into_iter()
+            .next()
+            .ok_or_else(|| rt("no logits"))?
+            .to_vec1::<f32>()
+            .map_err(rt)?;
+        Ok((logits, prepared.tokens.len()))
+    }
+
     /// Greedy generation from `prompt`, stopping on a stop token, `max_new_tokens`, a complete
     /// JSON object (when asked), or `cancelled()` (checked between steps).
     pub fn generate(
@@ -430,10 +695,22 @@ impl TextModel {
         params: &GenParams,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Generation, ModelError> {
+        self.generate_with_images(prompt, &[], params, cancelled)
+    }
+
+    /// [`TextModel::generate`] with images for the prompt's image placeholders.
+    pub fn generate_with_images(
+        &mut self,
+        prompt: &[u32],
+        images: &[ProcessedImage],
+        params: &GenParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generation, ModelError> {
         let room = params.context_tokens.saturating_sub(params.max_new_tokens);
-        if prompt.len() > room {
+        let full = prompt.len() + self.extra_image_tokens(images);
+        if full > room {
             return Err(ModelError::PromptTooLong {
-                tokens: prompt.len(),
+                tokens: full,
                 limit: room,
             });
         }
@@ -441,7 +718,7 @@ impl TextModel {
             return Err(rt("empty prompt"));
         }
         let t0 = Instant::now();
-        let mut logits = self.forward(prompt, 0)?;
+        let (mut logits, prompt_len) = self.prefill(prompt, images)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let mut out: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
@@ -487,7 +764,7 @@ impl TextModel {
             if out.len() == params.max_new_tokens {
                 break;
             }
-            logits = self.forward(&[next], prompt.len() + out.len() - 1)?;
+            logits = self.forward(&[next], prompt_len + out.len() - 1)?;
         }
         let text = self.tokenizer.decode(&out, true).map_err(rt)?;
         let mask_us = constraint
@@ -497,7 +774,7 @@ impl TextModel {
             .unwrap_or(0.0);
         Ok(Generation {
             text,
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt_len,
             generated_tokens: out.len(),
             prefill_ms,
             decode_ms: t1.elapsed().as_secs_f64() * 1e3,

@@ -4,6 +4,8 @@
 //! which disagreed with llama.cpp on most of our test corpus; this builder agrees on all of it
 //! (`tests/fixtures/tokenizer_llamacpp.json`).
 
+use std::path::Path;
+
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::{
     decoders::byte_level::ByteLevel as ByteLevelDecoder,
@@ -195,4 +197,120 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
         eos_text: text_of(eos),
     };
     Ok((tok, special))
+}
+/// Special tokens of a Hugging Face checkpoint: generation stops on every id of
+/// `generation_config.json`'s `eos_token_id` (an id or a list) and on `tokenizer_config.json`'s
+/// `eos_token`; a BOS is prepended only when `tokenizer_config.json` says `add_bos_token`.
+pub fn from_hf_dir(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens, TokenizerError> {
+    let json = |name: &str| -> Result<Option<serde_json::Value>, TokenizerError> {
+        match std::fs::read_to_string(dir.join(name)) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| te(format!("{name}: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(te(format!("{name}: {e}"))),
+        }
+    };
+    let tok_cfg = json("tokenizer_config.json")?.unwrap_or_default();
+    let gen_cfg = json("generation_config.json")?.unwrap_or_default();
+    // A token is written as a string or as {"content": ...}.
+    let token_text = |v: Option<&serde_json::Value>| -> Option<String> {
+        match v? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            o => o.get("content")?.as_str().map(str::to_string),
+        }
+    };
+    let eos_text = token_text(tok_cfg.get("eos_token")).unwrap_or_default();
+    let bos_text = token_text(tok_cfg.get("bos_token")).unwrap_or_default();
+    let mut stop: Vec<u32> = match gen_cfg.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64().map(|x| x as u32))
+            .collect(),
+        Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if let Some(id) = tokenizer.token_to_id(&eos_text) {
+        stop.push(id);
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    if stop.is_empty() {
+        return Err(te(
+            "no end-of-sequence token: neither generation_config.json eos_token_id nor tokenizer_config.json eos_token",
+        ));
+    }
+    let add_bos = tok_cfg
+        .get("add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    Ok(SpecialTokens {
+        bos: tokenizer.token_to_id(&bos_text),
+        add_bos,
+        stop,
+        bos_text,
+        eos_text,
+    })
+}
+
+/// The chat template of a Hugging Face checkpoint: `chat_template.jinja`, else
+/// `chat_template.json`, else `tokenizer_config.json`'s `chat_template` (a string, or a list of
+/// named templates of which `default` is used); `None` when there is none.
+pub fn hf_chat_template(dir: &Path) -> Result<Option<String>, TokenizerError> {
+    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        return Ok(Some(t));
+    }
+    for name in ["chat_template.json", "tokenizer_config.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+            continue;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| te(format!("{name}: {e}")))?;
+        match v.get("chat_template") {
+            Some(serde_json::Value::String(s)) => return Ok(Some(s.clone())),
+            Some(serde_json::Value::Array(list)) => {
+                let pick = list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or_else(|| list.first());
+                if let Some(t) = pick
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                {
+                    return Ok(Some(t.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Fingerprint (xxh3-128, hex) of everything in a checkpoint directory that shapes outputs: the
+/// JSON and Jinja files and every safetensors file, by name and content, in name order. Reads
+/// every byte (about 1 s per 10 GB), so a fine-tune with unchanged shapes gets a new version.
+pub fn dir_digest(dir: &Path) -> Result<String, TokenizerError> {
+    use std::io::Read;
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(te)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json") || n.ends_with(".jinja") || n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for name in names {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        let mut f = std::fs::File::open(dir.join(&name)).map_err(te)?;
+        loop {
+            let n = f.read(&mut buf).map_err(te)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:032x}", h.digest128()))
 }

@@ -1,0 +1,130 @@
+//! CPU prefill and decode speed of our Qwen3-VL on a checkpoint directory, the same measure
+//! `scripts/bench_qwen3vl_hf.py` takes of Hugging Face transformers; `scripts/bench_qwen3vl.sh`
+//! runs both in one go on a Qwen3-VL-2B-width checkpoint with random weights and prints the ratio.
+//!
+//!     cargo bench --bench qwen3vl -- --model DIR [--prompt-tokens 290] [--new-tokens 64]
+//!         [--runs 6] [--image PATH] [--dtype f32|bf16]
+//!
+//! Prints one JSON line: median, min and max of prefill and decode tokens/s over the runs (one
+//! warm-up run first). Prompt ids are drawn from the tokenizer's ordinary tokens with a fixed
+//! seed; with `--image`, the prompt is the image's tokens between vision markers, then the text.
+
+use std::time::Instant;
+
+use tagllm::{
+    config::Requantize,
+    model::{qwen3vl::image_proc, LoadOptions, TextModel},
+};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().ok().expect("bad flag value"))
+        .unwrap_or(default)
+}
+
+fn stats(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    serde_json::json!({"median": median, "min": v[0], "max": v[v.len() - 1], "runs": v})
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--model") {
+        eprintln!(
+            "usage: cargo bench --bench qwen3vl -- --model DIR (see scripts/bench_qwen3vl.sh)"
+        );
+        return;
+    }
+    let dir: std::path::PathBuf = arg(&args, "--model", String::new()).into();
+    let prompt_tokens: usize = arg(&args, "--prompt-tokens", 290);
+    let new_tokens: usize = arg(&args, "--new-tokens", 64);
+    let runs: usize = arg(&args, "--runs", 6);
+    let image: String = arg(&args, "--image", String::new());
+    let dtype = match arg(&args, "--dtype", "f32".to_string()).as_str() {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    };
+    let mut opts = LoadOptions::cpu(Requantize::None);
+    opts.dtype = Some(dtype);
+    opts.context_tokens = prompt_tokens + new_tokens + 2048;
+    opts.image_max_pixels = 448 * 448;
+    let t0 = Instant::now();
+    let model = TextModel::load_with(&dir, &opts).expect("load");
+    let load_s = t0.elapsed().as_secs_f64();
+    let vl = model.qwen3vl().expect("a Qwen3-VL checkpoint");
+    // Ordinary tokens only (ids below the special tokens), fixed seed.
+    let vocab = model.tokenizer().get_vocab_size(false) as u64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab.min(vl.config.image_token_id as u64)) as u32
+    };
+    let mut ids: Vec<u32> = Vec::new();
+    let mut images = Vec::new();
+    if !image.is_empty() {
+        let bytes = std::fs::read(&image).expect("image");
+        let rgb = image_proc::decode_rgb(&bytes, image::Limits::default()).expect("decode");
+        images.push(
+            image_proc::preprocess(&rgb, model.info.image_processor.as_ref().unwrap()).unwrap(),
+        );
+        ids.extend([
+            vl.config.vision_start_token_id,
+            vl.config.image_token_id,
+            vl.config.vision_end_token_id,
+        ]);
+    }
+    while ids.len() < prompt_tokens {
+        ids.push(next());
+    }
+    let prepared = vl.prepare(&ids, &images).expect("prepare");
+    let mut cache = vl.new_cache(opts.context_tokens).unwrap();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for run in 0..=runs {
+        cache.reset();
+        let t = Instant::now();
+        let logits = vl
+            .prefill(&[&prepared], &mut [&mut cache], false)
+            .unwrap()
+            .remove(0);
+        let mut tok = tagllm::model::argmax(&logits.to_vec1::<f32>().unwrap());
+        let tp = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let l = vl
+                .decode(&[tok], &[prepared.rope_delta], &mut [&mut cache])
+                .unwrap()
+                .remove(0);
+            tok = tagllm::model::argmax(&l.to_vec1::<f32>().unwrap());
+        }
+        let td = t.elapsed().as_secs_f64();
+        if run > 0 {
+            prefill.push(prepared.tokens.len() as f64 / tp);
+            decode.push(new_tokens as f64 / td);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "tagllm",
+            "model": dir.display().to_string(),
+            "dtype": format!("{dtype:?}"),
+            "threads": candle_core::utils::get_num_threads(),
+            "prompt_tokens": prepared.tokens.len(),
+            "new_tokens": new_tokens,
+            "load_s": load_s,
+            "prefill_tok_s": stats(prefill),
+            "decode_tok_s": stats(decode),
+        })
+    );
+}

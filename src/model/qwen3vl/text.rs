@@ -1,0 +1,387 @@
+//! The Qwen3-VL text decoder (Qwen3 blocks: q/k RMSNorm per head, grouped-query attention, SwiGLU)
+//! with interleaved multimodal RoPE, run over *packed* sequences: the new tokens of every sequence
+//! in a step are stacked into one `[tokens, hidden]` matrix for the projections and MLPs, and
+//! attention runs per sequence against that sequence's own KV cache. No sequence is padded, so a
+//! row's result does not depend on what it is batched with.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{
+    embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
+};
+
+use super::config::TextConfig;
+
+/// One sequence's keys and values, preallocated to a fixed capacity and reusable: `reset` makes it
+/// empty without freeing it.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    /// A cache of `cap` positions for every layer of `cfg`.
+    pub fn new(cfg: &TextConfig, cap: usize, dtype: DType, device: &Device) -> Result<KvCache> {
+        let shape = (cfg.num_key_value_heads, cap, cfg.head_dim);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            cap,
+        })
+    }
+
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions it can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Empties it for the next sequence (the memory stays).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// Per-token rotary angles: cos and sin, `[tokens, head_dim/2]`.
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    /// For each rotary frequency, which position axis (0 = t, 1 = h, 2 = w) drives it.
+    axis: Vec<usize>,
+}
+
+impl Rotary {
+    /// The frequencies of `cfg` and the interleaved M-RoPE axis of each.
+    pub fn new(cfg: &TextConfig) -> Rotary {
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..cfg.head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / cfg.head_dim as f32))
+            .collect();
+        // HF's Qwen3-VL always interleaves (T H W T H W ...), whatever `mrope_interleaved`
+        // says: H owns j % 3 == 1 below 3*sh, W owns j % 3 == 2 below 3*sw, T the rest.
+        let [_, sh, sw] = cfg.mrope_section;
+        let axis = (0..half)
+            .map(|j| {
+                if j % 3 == 1 && j < 3 * sh {
+                    1
+                } else if j % 3 == 2 && j < 3 * sw {
+                    2
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Rotary { inv_freq, axis }
+    }
+
+    /// cos and sin for tokens at 3-D `positions` (t, h, w), in `dtype`.
+    pub fn angles(
+        &self,
+        positions: &[[u32; 3]],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for (j, &f) in self.inv_freq.iter().enumerate() {
+                let a = p[self.axis[j]] as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let n = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    in_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// The decoder.
+pub struct TextDecoder {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+/// One sequence's share of a packed step: how many of the step's rows are its new tokens, and its
+/// cache (which already holds its earlier tokens).
+pub struct SeqSlice<'a> {
+    /// New tokens of this sequence in the step.
+    pub tokens: usize,
+    /// Its cache.
+    pub cache: &'a mut KvCache,
+}
+
+impl TextDecoder {
+    /// Loads `model.language_model.*` (`vb`) and the LM head (`head_vb`; the embedding when tied).
+    pub fn new(cfg: &TextConfig, tied: bool, vb: VarBuilder, head_vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let embed = embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
+        let lm_head = if tied {
+            Linear::new(embed.embeddings().clone(), None)
+        } else {
+            linear_no_bias(h, cfg.vocab_size, head_vb.pp("lm_head"))?
+        };
+        let bias = cfg.attention_bias;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("layers.{i}"));
+                let a = l.pp("self_attn");
+                let m = l.pp("mlp");
+                Ok(Layer {
+                    q: linear_b(h, cfg.num_attention_heads * hd, bias, a.pp("q_proj"))?,
+                    k: linear_b(h, cfg.num_key_value_heads * hd, bias, a.pp("k_proj"))?,
+                    v: linear_b(h, cfg.num_key_value_heads * hd, bias, a.pp("v_proj"))?,
+                    o: linear_b(cfg.num_attention_heads * hd, h, bias, a.pp("o_proj"))?,
+                    q_norm: rms_norm(hd, cfg.rms_norm_eps, a.pp("q_norm"))?,
+                    k_norm: rms_norm(hd, cfg.rms_norm_eps, a.pp("k_norm"))?,
+                    gate: linear_no_bias(h, cfg.intermediate_size, m.pp("gate_proj"))?,
+                    up: linear_no_bias(h, cfg.intermediate_size, m.pp("up_proj"))?,
+                    down: linear_no_bias(cfg.intermediate_size, h, m.pp("down_proj"))?,
+                    in_norm: rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    post_norm: rms_norm(h, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextDecoder {
+            embed,
+            layers,
+            norm: rms_norm(h, cfg.rms_norm_eps, vb.pp("norm"))?,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Token embeddings, `[n, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        self.embed.forward(&ids)
+    }
+
+    /// The dtype the decoder computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs one packed step. `x` is `[tokens, hidden]` (every sequence's new tokens, in `seqs`
+    /// order), `positions` their 3-D rotary positions; `deepstack` adds `rows(layer)` after layer
+    /// `layer` for the first layers (visual features; zero rows for text tokens). Returns the final
+    /// hidden states of the rows in `keep` (after the final norm), `[keep.len(), hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &[[u32; 3]],
+        seqs: &mut [SeqSlice<'_>],
+        deepstack: &[Tensor],
+        keep: &[u32],
+    ) -> Result<Tensor> {
+        let total: usize = seqs.iter().map(|s| s.tokens).sum();
+        if total != x.dim(0)? || total != positions.len() {
+            candle_core::bail!(
+                "packed step: {total} tokens by sequence, {} rows, {} positions",
+                x.dim(0)?,
+                positions.len()
+            );
+        }
+        for s in seqs.iter() {
+            if s.cache.len + s.tokens > s.cache.cap {
+                candle_core::bail!(
+                    "sequence of {} tokens does not fit its {}-position cache",
+                    s.cache.len + s.tokens,
+                    s.cache.cap
+                );
+            }
+        }
+        let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
+        let mut x = x.clone();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.in_norm.forward(&x)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, seqs)?;
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = layer.post_norm.forward(&x)?;
+            let mlp = layer
+                .down
+                .forward(&(layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+            if let Some(add) = deepstack.get(li) {
+                x = (x + add)?;
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens;
+        }
+        let keep_t = Tensor::new(keep, &self.device)?;
+        self.norm.forward(&x.index_select(&keep_t, 0)?)
+    }
+
+    /// Logits (F32) of final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqSlice<'_>],
+    ) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        let hd = self.head_dim;
+        let heads = |t: Tensor, count: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((n, count, hd))?;
+            let t = match norm {
+                Some(nm) => nm.forward(&t)?,
+                None => t,
+            };
+            t.transpose(0, 1)?.contiguous()?.unsqueeze(0) // [1, count, n, hd]
+        };
+        let q = heads(layer.q.forward(h)?, self.heads, Some(&layer.q_norm))?;
+        let k = heads(layer.k.forward(h)?, self.kv_heads, Some(&layer.k_norm))?;
+        let v = heads(layer.v.forward(h)?, self.kv_heads, None)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let rep = self.heads / self.kv_heads;
+        let scale = (hd as f64).powf(-0.5);
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for s in seqs.iter_mut() {
+            let len = s.tokens;
+            let past = s.cache.len;
+            let (kc, vc) = &s.cache.layers[li];
+            kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
+            vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
+            let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
+            let vals = vc.narrow(1, 0, past + len)?;
+            // Grouped-query attention without copying keys: the `rep` query heads that share a
+            // key/value head become one [rep*len, hd] block against it.
+            let qs = q
+                .narrow(1, at, len)?
+                .contiguous()?
+                .reshape((self.kv_heads, rep * len, hd))?;
+            let scores = (qs.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = if len > 1 {
+                scores.broadcast_add(&causal_mask(rep, len, past, &self.device)?)?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let out = probs
+                .matmul(&vals.contiguous()?)?
+                .reshape((self.heads, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, self.heads * hd))?;
+            outs.push(out);
+            at += len;
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+/// Additive mask, `[rep*len, past+len]` in F32: query `i` (repeated `rep` times, one block per
+/// query head of a group) sees keys `0..=past+i`.
+fn causal_mask(rep: usize, len: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let keys = past + len;
+    let mut m = Vec::with_capacity(rep * len * keys);
+    for _ in 0..rep {
+        for i in 0..len {
+            m.extend((0..keys).map(|j| if j <= past + i { 0.0 } else { f32::MIN }));
+        }
+    }
+    Tensor::from_vec(m, (rep * len, keys), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TextConfig {
+        TextConfig {
+            vocab_size: 10,
+            hidden_size: 32,
+            intermediate_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            mrope_section: [2, 3, 3],
+            attention_bias: false,
+            max_position_embeddings: 64,
+        }
+    }
+
+    #[test]
+    fn interleaved_mrope_axes_follow_hf() {
+        // HF: start from T everywhere, then H at 1::3 below 3*3=9 and W at 2::3 below 9.
+        // With [2, 3, 3] over 8 frequencies that is T {0, 3, 6}, H {1, 4, 7}, W {2, 5}.
+        assert_eq!(Rotary::new(&cfg()).axis, vec![0, 1, 2, 0, 1, 2, 0, 1]);
+        let mut real = cfg();
+        real.head_dim = 128;
+        real.mrope_section = [24, 20, 20];
+        let axis = Rotary::new(&real).axis;
+        assert_eq!(axis.iter().filter(|&&a| a == 0).count(), 24);
+        assert_eq!(axis.iter().filter(|&&a| a == 1).count(), 20);
+        assert_eq!(axis.iter().filter(|&&a| a == 2).count(), 20);
+    }
+
+    #[test]
+    fn mask_is_causal_with_a_past() {
+        let m = causal_mask(2, 2, 1, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[0], vec![0.0, 0.0, f32::MIN]);
+        assert_eq!(v[1], vec![0.0, 0.0, 0.0]);
+        assert_eq!(v[2], v[0]);
+    }
+}
