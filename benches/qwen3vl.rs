@@ -83,7 +83,19 @@ fn main() {
             vl.config.vision_end_token_id,
         ]);
     }
-    while ids.len() < prompt_tokens {
+    // --prompt-tokens counts the image's tokens too, as the transformers script does.
+    let image_tokens: usize = images
+        .iter()
+        .map(|p| {
+            vl.image_tokens(&tagllm::model::qwen3vl::Grid {
+                t: p.grid_thw[0],
+                h: p.grid_thw[1],
+                w: p.grid_thw[2],
+            })
+        })
+        .sum();
+    let placeholders = images.len();
+    while ids.len() + image_tokens < prompt_tokens + placeholders {
         ids.push(next());
     }
     let prepared = vl.prepare(&ids, &images).expect("prepare");
