@@ -7,8 +7,8 @@
 # HF_PYTHON: a Python with scripts/qwen3vl-requirements.txt installed (default: python3).
 # CHECKPOINT_DIR (default target/bench/qwen3vl-2bw): a Qwen3-VL-2B-width checkpoint with 4 text and
 # 4 vision layers and random weights, written by scripts/bench_qwen3vl_hf.py on the first run
-# (~2.7 GB). Two cases: 290 text tokens, and tests/fixtures/qwen3vl/images/e.png (400x300 -> 416x288,
-# 117 image tokens) plus text to 290 tokens; 64 new tokens; RUNS timed runs (default 6) after a
+# (~2.7 GB). Two cases: 290 text tokens, and tests/fixtures/qwen3vl/images/e.png (400x300 -> 384x288,
+# 108 image tokens) plus text to 290 tokens; 64 new tokens; RUNS timed runs (default 6) after a
 # warm-up; THREADS threads (default 2). Results land in target/bench/qwen3vl-*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod image_proc;
+pub mod linear;
 pub mod text;
 pub mod vision;
 

@@ -5,11 +5,10 @@
 //! row's result does not depend on what it is batched with.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{
-    embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
-};
+use candle_nn::{embedding, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 use super::config::TextConfig;
+use super::linear::{proj_b, Proj};
 
 /// One sequence's keys and values, preallocated to a fixed capacity and reusable: `reset` makes it
 /// empty without freeing it.
@@ -117,15 +116,15 @@ impl Rotary {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
     in_norm: RmsNorm,
     post_norm: RmsNorm,
 }
@@ -135,7 +134,7 @@ pub struct TextDecoder {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: Rotary,
     heads: usize,
     kv_heads: usize,
@@ -160,9 +159,9 @@ impl TextDecoder {
         let hd = cfg.head_dim;
         let embed = embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
         let lm_head = if tied {
-            Linear::new(embed.embeddings().clone(), None)
+            Proj::new(Linear::new(embed.embeddings().clone(), None))
         } else {
-            linear_no_bias(h, cfg.vocab_size, head_vb.pp("lm_head"))?
+            proj_b(h, cfg.vocab_size, false, head_vb.pp("lm_head"))?
         };
         let bias = cfg.attention_bias;
         let layers = (0..cfg.num_hidden_layers)
@@ -171,15 +170,15 @@ impl TextDecoder {
                 let a = l.pp("self_attn");
                 let m = l.pp("mlp");
                 Ok(Layer {
-                    q: linear_b(h, cfg.num_attention_heads * hd, bias, a.pp("q_proj"))?,
-                    k: linear_b(h, cfg.num_key_value_heads * hd, bias, a.pp("k_proj"))?,
-                    v: linear_b(h, cfg.num_key_value_heads * hd, bias, a.pp("v_proj"))?,
-                    o: linear_b(cfg.num_attention_heads * hd, h, bias, a.pp("o_proj"))?,
+                    q: proj_b(h, cfg.num_attention_heads * hd, bias, a.pp("q_proj"))?,
+                    k: proj_b(h, cfg.num_key_value_heads * hd, bias, a.pp("k_proj"))?,
+                    v: proj_b(h, cfg.num_key_value_heads * hd, bias, a.pp("v_proj"))?,
+                    o: proj_b(cfg.num_attention_heads * hd, h, bias, a.pp("o_proj"))?,
                     q_norm: rms_norm(hd, cfg.rms_norm_eps, a.pp("q_norm"))?,
                     k_norm: rms_norm(hd, cfg.rms_norm_eps, a.pp("k_norm"))?,
-                    gate: linear_no_bias(h, cfg.intermediate_size, m.pp("gate_proj"))?,
-                    up: linear_no_bias(h, cfg.intermediate_size, m.pp("up_proj"))?,
-                    down: linear_no_bias(cfg.intermediate_size, h, m.pp("down_proj"))?,
+                    gate: proj_b(h, cfg.intermediate_size, false, m.pp("gate_proj"))?,
+                    up: proj_b(h, cfg.intermediate_size, false, m.pp("up_proj"))?,
+                    down: proj_b(cfg.intermediate_size, h, false, m.pp("down_proj"))?,
                     in_norm: rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
                     post_norm: rms_norm(h, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
                 })
