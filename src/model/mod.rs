@@ -443,7 +443,8 @@ impl TextModel {
             constrainer,
             device: device.clone(),
             info: ModelInfo {
-                version: format!("{stem}@{}:{format}", &digest[..12]),
+                // The pixel cap shapes what the model sees: a different cap is a different version.
+                version: format!("{stem}@{}:{format}:px{}", &digest[..12], proc.max_pixels),
                 name: stem,
                 architecture: "qwen3_vl".into(),
                 multimodal: true,
