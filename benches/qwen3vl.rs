@@ -3,7 +3,7 @@
 //! runs both in one go on a Qwen3-VL-2B-width checkpoint with random weights and prints the ratio.
 //!
 //!     cargo bench --bench qwen3vl -- --model DIR [--prompt-tokens 290] [--new-tokens 64]
-//!         [--runs 6] [--image PATH] [--dtype f32|bf16]
+//!         [--runs 6] [--image PATH] [--dtype f32|bf16] [--batch N]
 //!
 //! Prints one JSON line: median, min and max of prefill and decode tokens/s over the runs (one
 //! warm-up run first). Prompt ids are drawn from the tokenizer's ordinary tokens with a fixed
@@ -46,6 +46,7 @@ fn main() {
     let prompt_tokens: usize = arg(&args, "--prompt-tokens", 290);
     let new_tokens: usize = arg(&args, "--new-tokens", 64);
     let runs: usize = arg(&args, "--runs", 6);
+    let batch: usize = arg(&args, "--batch", 1);
     let image: String = arg(&args, "--image", String::new());
     let dtype = match arg(&args, "--dtype", "f32".to_string()).as_str() {
         "bf16" => candle_core::DType::BF16,
@@ -99,30 +100,38 @@ fn main() {
         ids.push(next());
     }
     let prepared = vl.prepare(&ids, &images).expect("prepare");
-    let mut cache = vl.new_cache(opts.context_tokens).unwrap();
+    // --batch N: N copies of the prompt prefilled in one packed step and decoded together, each
+    // with its own cache (what the engine does with N concurrent notes); tokens/s are aggregate.
+    let mut caches: Vec<_> = (0..batch)
+        .map(|_| vl.new_cache(opts.context_tokens).unwrap())
+        .collect();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for run in 0..=runs {
-        cache.reset();
+        caches.iter_mut().for_each(|c| c.reset());
+        let prompts: Vec<_> = (0..batch).map(|_| &prepared).collect();
         let t = Instant::now();
-        let logits = vl
-            .prefill(&[&prepared], &mut [&mut cache], false)
-            .unwrap()
-            .remove(0);
-        let mut tok = tagllm::model::argmax(&logits.to_vec1::<f32>().unwrap());
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let logits = vl.prefill(&prompts, &mut refs, false).unwrap();
+        let mut toks: Vec<u32> = logits
+            .iter()
+            .map(|l| tagllm::model::argmax(&l.to_vec1::<f32>().unwrap()))
+            .collect();
         let tp = t.elapsed().as_secs_f64();
+        let deltas = vec![prepared.rope_delta; batch];
         let t = Instant::now();
         for _ in 0..new_tokens {
-            let l = vl
-                .decode(&[tok], &[prepared.rope_delta], &mut [&mut cache])
-                .unwrap()
-                .remove(0);
-            tok = tagllm::model::argmax(&l.to_vec1::<f32>().unwrap());
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            let out = vl.decode(&toks, &deltas, &mut refs).unwrap();
+            toks = out
+                .iter()
+                .map(|l| tagllm::model::argmax(&l.to_vec1::<f32>().unwrap()))
+                .collect();
         }
         let td = t.elapsed().as_secs_f64();
         if run > 0 {
-            prefill.push(prepared.tokens.len() as f64 / tp);
-            decode.push(new_tokens as f64 / td);
+            prefill.push((batch * prepared.tokens.len()) as f64 / tp);
+            decode.push((batch * new_tokens) as f64 / td);
         }
     }
     println!(
@@ -133,6 +142,7 @@ fn main() {
             "dtype": format!("{dtype:?}"),
             "threads": candle_core::utils::get_num_threads(),
             "prompt_tokens": prepared.tokens.len(),
+            "batch": batch,
             "new_tokens": new_tokens,
             "load_s": load_s,
             "prefill_tok_s": stats(prefill),

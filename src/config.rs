@@ -191,6 +191,12 @@ pub struct ModelConfig {
     /// Images are resized (aspect kept) to at most this many pixels before the vision tower:
     /// Qwen3-VL spends one prompt token per 32x32 pixels, so the default, 448x448, is 196 tokens.
     pub image_max_pixels: usize,
+    /// Sequences generated together by continuous batching (Qwen3-VL; the GGUF models run one at
+    /// a time). Each holds a KV cache of `context_tokens` positions, allocated on first use.
+    pub max_batch: usize,
+    /// Prompt tokens prefilled in one engine step when several notes join at once (a note longer
+    /// than this still runs, alone).
+    pub max_batch_tokens: usize,
     /// Weight format in memory.
     pub requantize: Requantize,
     /// `constrained` (default) or `unconstrained`.
@@ -319,6 +325,8 @@ impl Default for ModelConfig {
             device: "cpu".into(),
             dtype: "auto".into(),
             image_max_pixels: 200_704,
+            max_batch: 8,
+            max_batch_tokens: 4096,
             requantize: Requantize::Q8_0,
             decoding: Decoding::Constrained,
             max_new_tokens: 96,
@@ -406,7 +414,7 @@ impl Config {
                 reason: reason.into(),
             })
         }
-        let positive: [(&'static str, usize); 14] = [
+        let positive: [(&'static str, usize); 16] = [
             ("limits.max_note_id_bytes", self.limits.max_note_id_bytes),
             ("limits.max_category_bytes", self.limits.max_category_bytes),
             ("limits.max_title_chars", self.limits.max_title_chars),
@@ -429,6 +437,8 @@ impl Config {
             ("model.max_new_tokens", self.model.max_new_tokens),
             ("model.queue_capacity", self.model.queue_capacity),
             ("model.image_max_pixels", self.model.image_max_pixels),
+            ("model.max_batch", self.model.max_batch),
+            ("model.max_batch_tokens", self.model.max_batch_tokens),
             ("server.stream_concurrency", self.server.stream_concurrency),
         ];
         if self.limits.max_image_pixels == 0 || self.limits.max_image_side == 0 {

@@ -15,9 +15,14 @@ pub enum Error {
     /// Not ready yet (model loading) or shutting down: retry later, maybe elsewhere.
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// Too much work queued: back off and retry.
-    #[error("overloaded: {0}")]
-    Overloaded(String),
+    /// Too much work queued: back off and retry, after about `retry_after_ms`.
+    #[error("overloaded: {message}")]
+    Overloaded {
+        /// What is full.
+        message: String,
+        /// A hint: roughly when a slot should be free (milliseconds).
+        retry_after_ms: u64,
+    },
     /// The caller went away or the deadline passed.
     #[error("cancelled")]
     Cancelled,

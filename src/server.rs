@@ -64,6 +64,8 @@ pub fn start_engine(cfg: &Config) -> anyhow::Result<(EngineHandle, std::thread::
         device: cfg.model.device.clone(),
         dtype: cfg.model.parse_dtype().map_err(anyhow::Error::msg)?,
         image_max_pixels: cfg.model.image_max_pixels,
+        max_batch: cfg.model.max_batch,
+        max_batch_tokens: cfg.model.max_batch_tokens,
         queue_capacity: cfg.model.queue_capacity,
         context_tokens: cfg.model.context_tokens,
     })

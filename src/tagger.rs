@@ -89,7 +89,10 @@ pub struct Tagger {
 
 fn submit_error(e: SubmitError) -> Error {
     match e {
-        SubmitError::QueueFull(_) => Error::Overloaded(format!("{e}; retry with backoff")),
+        SubmitError::QueueFull { retry_after_ms, .. } => Error::Overloaded {
+            message: format!("{e}; retry after about {retry_after_ms} ms (grpc-retry-pushback-ms)"),
+            retry_after_ms,
+        },
         SubmitError::NotReady(_) => Error::Unavailable(e.to_string()),
     }
 }

@@ -36,7 +36,17 @@ impl From<Error> for tonic::Status {
         match e {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(e.to_string()),
             Error::Unavailable(m) => tonic::Status::unavailable(m),
-            Error::Overloaded(m) => tonic::Status::resource_exhausted(m),
+            Error::Overloaded {
+                message,
+                retry_after_ms,
+            } => {
+                // gRPC's own pushback header: clients with a retry policy wait this long.
+                let mut st = tonic::Status::resource_exhausted(message);
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    st.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                }
+                st
+            }
             Error::Cancelled => tonic::Status::cancelled("cancelled"),
             Error::Internal(cause) => {
                 // The cause stays in the logs; clients get no internals.

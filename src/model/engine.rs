@@ -4,7 +4,10 @@
 
 use std::{
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -12,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     chat::Message, qwen3vl::image_proc::ProcessedImage, GenParams, Generation, LoadOptions,
-    ModelError, ModelInfo, TextModel,
+    ModelError, ModelInfo, Sequence, TextModel,
 };
 use crate::config::Requantize;
 
@@ -29,6 +32,10 @@ pub struct EngineConfig {
     pub dtype: Option<candle_core::DType>,
     /// Pixel cap per image.
     pub image_max_pixels: usize,
+    /// Sequences decoded together (models that batch).
+    pub max_batch: usize,
+    /// Prompt tokens prefilled in one step (at least one prompt is always admitted).
+    pub max_batch_tokens: usize,
     /// Waiting jobs before `try_submit` refuses.
     pub queue_capacity: usize,
     /// Prompt + generation limit.
@@ -79,17 +86,41 @@ pub struct JobOutput {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// The queue is full.
-    #[error("the tagging queue is full ({0} jobs waiting)")]
-    QueueFull(usize),
+    #[error("the tagging queue is full ({waiting} jobs waiting)")]
+    QueueFull {
+        /// Jobs waiting.
+        waiting: usize,
+        /// About when a place should free up: the recent time per job times the jobs ahead,
+        /// over the sequences decoded together.
+        retry_after_ms: u64,
+    },
     /// Not ready (loading, failed, or stopped).
     #[error("the model is not ready: {0}")]
     NotReady(String),
+}
+
+/// Counters the engine thread keeps, readable from any thread (tests and health checks).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences being decoded now.
+    pub running: AtomicUsize,
+    /// Most sequences ever decoded in one step.
+    pub peak_batch: AtomicUsize,
+    /// Jobs finished with a result.
+    pub completed: AtomicU64,
+    /// Jobs dropped because their caller went away (queued or mid-generation).
+    pub cancelled: AtomicU64,
+    /// Moving average of a job's prefill + decode time (ms; 0 before the first job).
+    pub job_ms: AtomicU64,
+    /// Sequences the loaded model decodes together (1 for the GGUF models).
+    pub slots: AtomicUsize,
 }
 
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
+    stats: Arc<EngineStats>,
     state: watch::Receiver<EngineState>,
     capacity: usize,
     context_tokens: usize,
@@ -105,18 +136,26 @@ impl EngineHandle {
         let (state_tx, state_rx) = watch::channel(EngineState::Loading);
         let context_tokens = cfg.context_tokens;
         let capacity = cfg.queue_capacity;
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
         let join = std::thread::Builder::new()
             .name("tagllm-engine".into())
-            .spawn(move || run(cfg, rx, state_tx))?;
+            .spawn(move || run(cfg, rx, state_tx, thread_stats))?;
         Ok((
             EngineHandle {
                 tx,
+                stats,
                 state: state_rx,
                 capacity,
                 context_tokens,
             },
             join,
         ))
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// The current state.
@@ -153,6 +192,15 @@ impl EngineHandle {
         }
     }
 
+    /// Milliseconds after which a refused caller may find room: the recent time per job times
+    /// the jobs ahead of it, over the sequences decoded together; between 50 ms and 60 s.
+    pub fn retry_hint_ms(&self) -> u64 {
+        let per_job = self.stats.job_ms.load(Ordering::Relaxed).max(100);
+        let ahead = self.queue_depth() as u64 + 1;
+        let slots = self.stats.slots.load(Ordering::Relaxed).max(1) as u64;
+        (per_job * ahead / slots).clamp(50, 60_000)
+    }
+
     /// Jobs waiting now.
     pub fn queue_depth(&self) -> usize {
         self.capacity - self.tx.capacity()
@@ -170,7 +218,10 @@ impl EngineHandle {
             mpsc::error::TrySendError::Full(_) => {
                 metrics::counter!("tagllm_engine_jobs_total", "outcome" => "refused_full")
                     .increment(1);
-                SubmitError::QueueFull(self.capacity)
+                SubmitError::QueueFull {
+                    waiting: self.capacity,
+                    retry_after_ms: self.retry_hint_ms(),
+                }
             }
             mpsc::error::TrySendError::Closed(_) => SubmitError::NotReady("engine stopped".into()),
         });
@@ -179,7 +230,12 @@ impl EngineHandle {
     }
 }
 
-fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<EngineState>) {
+fn run(
+    cfg: EngineConfig,
+    mut rx: mpsc::Receiver<Job>,
+    state: watch::Sender<EngineState>,
+    stats: Arc<EngineStats>,
+) {
     let t0 = Instant::now();
     let device = match super::parse_device(&cfg.device) {
         Ok(d) => d,
@@ -195,6 +251,7 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
         device,
         dtype: cfg.dtype,
         image_max_pixels: cfg.image_max_pixels,
+        max_batch: cfg.max_batch,
     };
     let mut model = match TextModel::load_with(&cfg.model_path, &opts) {
         Ok(m) => m,
@@ -229,55 +286,320 @@ fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, state: watch::Sender<Engi
         "model loaded and warm"
     );
     state.send_replace(EngineState::Ready(info));
+    let batching = model.qwen3vl().is_some();
+    stats.slots.store(
+        if batching { model.max_batch() } else { 1 },
+        Ordering::Relaxed,
+    );
+    if batching {
+        run_batched(&cfg, &mut model, &mut rx, &stats);
+    } else {
+        run_sequential(&cfg, &mut model, &mut rx, &stats);
+    }
+    state.send_replace(EngineState::Failed("engine stopped".into()));
+}
+
+fn params_for(job: &Job, cfg: &EngineConfig) -> GenParams {
+    GenParams {
+        max_new_tokens: job.max_new_tokens,
+        context_tokens: cfg.context_tokens,
+        assistant_prefix: job.assistant_prefix.clone(),
+        stop_at_json_end: true,
+        grammar: job.grammar.clone(),
+    }
+}
+
+/// Encodes a job's prompt, cutting the note to fit the context left after generation and images.
+fn encode(
+    model: &TextModel,
+    job: &Job,
+    cfg: &EngineConfig,
+) -> Result<(Vec<u32>, bool), ModelError> {
+    let room = cfg
+        .context_tokens
+        .saturating_sub(job.max_new_tokens)
+        .saturating_sub(model.extra_image_tokens(&job.images));
+    model.encode_chat_within(&job.messages, &job.assistant_prefix, room)
+}
+
+/// Counts a finished job and sends its result.
+fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &EngineStats) {
+    match &result {
+        Err(ModelError::Cancelled) => {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out) => {
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            let ms = (out.generation.prefill_ms + out.generation.decode_ms) as u64;
+            let old = stats.job_ms.load(Ordering::Relaxed);
+            let new = if old == 0 { ms } else { (old * 4 + ms) / 5 };
+            stats.job_ms.store(new, Ordering::Relaxed);
+        }
+        Err(_) => {
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let outcome = match &result {
+        Ok(out) => {
+            let g = &out.generation;
+            crate::metrics::record_generation(
+                out.queue,
+                g.prefill_ms,
+                g.decode_ms,
+                g.prompt_tokens,
+                g.generated_tokens,
+            );
+            "ok"
+        }
+        Err(ModelError::Cancelled) => "cancelled",
+        Err(_) => "error",
+    };
+    metrics::counter!("tagllm_engine_jobs_total", "outcome" => outcome).increment(1);
+    let _ = job.reply.send(result);
+}
+
+fn cancelled_while_queued(stats: &EngineStats) {
+    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("tagllm_engine_jobs_total", "outcome" => "cancelled").increment(1);
+}
+
+/// One job at a time (models whose KV cache holds one sequence: the GGUF models).
+fn run_sequential(
+    cfg: &EngineConfig,
+    model: &mut TextModel,
+    rx: &mut mpsc::Receiver<Job>,
+    stats: &EngineStats,
+) {
     while let Some(job) = rx.blocking_recv() {
         metrics::gauge!("tagllm_engine_queue_depth").set(rx.len() as f64);
         if job.reply.is_closed() {
-            metrics::counter!("tagllm_engine_jobs_total", "outcome" => "cancelled").increment(1);
+            cancelled_while_queued(stats);
             continue; // the caller left while queued
         }
-        // One sequence per step until continuous batching lands; the series is there already.
         metrics::histogram!("tagllm_engine_batch_size").record(1.0);
+        stats.running.store(1, Ordering::Relaxed);
+        stats.peak_batch.fetch_max(1, Ordering::Relaxed);
         let queue = job.enqueued.elapsed();
-        let reply = &job.reply;
-        let room = cfg
-            .context_tokens
-            .saturating_sub(job.max_new_tokens)
-            .saturating_sub(model.extra_image_tokens(&job.images));
-        let result = model
-            .encode_chat_within(&job.messages, &job.assistant_prefix, room)
-            .and_then(|(prompt, truncated)| {
-                let params = GenParams {
-                    max_new_tokens: job.max_new_tokens,
-                    context_tokens: cfg.context_tokens,
-                    assistant_prefix: job.assistant_prefix.clone(),
-                    stop_at_json_end: true,
-                    grammar: job.grammar.clone(),
-                };
-                model
-                    .generate_with_images(&prompt, &job.images, &params, &|| reply.is_closed())
-                    .map(|generation| JobOutput {
-                        generation,
-                        queue,
-                        truncated,
-                    })
-            });
-        let outcome = match &result {
-            Ok(out) => {
-                let g = &out.generation;
-                crate::metrics::record_generation(
-                    out.queue,
-                    g.prefill_ms,
-                    g.decode_ms,
-                    g.prompt_tokens,
-                    g.generated_tokens,
-                );
-                "ok"
-            }
-            Err(ModelError::Cancelled) => "cancelled",
-            Err(_) => "error",
-        };
-        metrics::counter!("tagllm_engine_jobs_total", "outcome" => outcome).increment(1);
-        let _ = job.reply.send(result);
+        let result = encode(model, &job, cfg).and_then(|(prompt, truncated)| {
+            let params = params_for(&job, cfg);
+            model
+                .generate_with_images(&prompt, &job.images, &params, &|| job.reply.is_closed())
+                .map(|generation| JobOutput {
+                    generation,
+                    queue,
+                    truncated,
+                })
+        });
+        reply(job, result, stats);
+        stats.running.store(0, Ordering::Relaxed);
     }
-    state.send_replace(EngineState::Failed("engine stopped".into()));
+}
+
+/// A job being decoded.
+struct Running {
+    job: Job,
+    seq: Sequence,
+    slot: usize,
+    next: u32,
+    queue: Duration,
+    truncated: bool,
+}
+
+/// A job whose prompt is encoded, waiting for a slot and prefill budget.
+struct Admitted {
+    job: Job,
+    prompt: Vec<u32>,
+    truncated: bool,
+    queue: Duration,
+    cost: usize,
+}
+
+/// Continuous batching: between decode steps, waiting jobs join (up to `max_batch` sequences and
+/// `max_batch_tokens` prompt tokens prefilled per step), finished ones leave, and a job whose
+/// caller went away is dropped before the next step, freeing its slot. Each sequence keeps its own
+/// KV cache, so a job's tokens do not depend on what it was batched with.
+fn run_batched(
+    cfg: &EngineConfig,
+    model: &mut TextModel,
+    rx: &mut mpsc::Receiver<Job>,
+    stats: &EngineStats,
+) {
+    let max_batch = model.max_batch();
+    let mut free: Vec<usize> = (0..max_batch).rev().collect();
+    let mut running: Vec<Running> = Vec::new();
+    let mut waiting: Option<Admitted> = None;
+    let mut open = true;
+    loop {
+        // 1. Admit while there are slots and prefill budget.
+        let mut batch: Vec<(Admitted, usize)> = Vec::new();
+        let mut budget = cfg.max_batch_tokens;
+        while !free.is_empty() {
+            let next = match waiting.take() {
+                Some(a) => a,
+                None => {
+                    let job = if running.is_empty() && batch.is_empty() && open {
+                        match rx.blocking_recv() {
+                            Some(j) => j,
+                            None => {
+                                open = false;
+                                break;
+                            }
+                        }
+                    } else {
+                        match rx.try_recv() {
+                            Ok(j) => j,
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                open = false;
+                                break;
+                            }
+                        }
+                    };
+                    metrics::gauge!("tagllm_engine_queue_depth").set(rx.len() as f64);
+                    if job.reply.is_closed() {
+                        cancelled_while_queued(stats);
+                        continue;
+                    }
+                    let queue = job.enqueued.elapsed();
+                    match encode(model, &job, cfg) {
+                        Ok((prompt, truncated)) => Admitted {
+                            cost: prompt.len() + model.extra_image_tokens(&job.images),
+                            job,
+                            prompt,
+                            truncated,
+                            queue,
+                        },
+                        Err(e) => {
+                            reply(job, Err(e), stats);
+                            continue;
+                        }
+                    }
+                }
+            };
+            if !batch.is_empty() && next.cost > budget {
+                waiting = Some(next); // first in the next step
+                break;
+            }
+            budget = budget.saturating_sub(next.cost);
+            let slot = free.pop().expect("a free slot");
+            batch.push((next, slot));
+        }
+        if batch.is_empty() && running.is_empty() {
+            if !open && waiting.is_none() {
+                return;
+            }
+            continue;
+        }
+        // 2. Prefill the newcomers together.
+        if !batch.is_empty() {
+            let t0 = Instant::now();
+            let inputs: Vec<(&[u32], &[ProcessedImage], usize)> = batch
+                .iter()
+                .map(|(a, slot)| (a.prompt.as_slice(), a.job.images.as_slice(), *slot))
+                .collect();
+            let prefilled = model.prefill_batch(&inputs);
+            let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+            match prefilled {
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (a, slot) in batch {
+                        free.push(slot);
+                        reply(a.job, Err(ModelError::Runtime(msg.clone())), stats);
+                    }
+                }
+                Ok(outs) => {
+                    for ((a, slot), (logits, prompt_len)) in batch.into_iter().zip(outs) {
+                        let params = params_for(&a.job, cfg);
+                        let mut seq = match model.start_sequence(&params, prompt_len) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                free.push(slot);
+                                reply(a.job, Err(e), stats);
+                                continue;
+                            }
+                        };
+                        seq.prefill_ms = prefill_ms;
+                        seq.start_decode_clock();
+                        match model.advance(&mut seq, &logits) {
+                            Ok(Some(next)) => running.push(Running {
+                                job: a.job,
+                                seq,
+                                slot,
+                                next,
+                                queue: a.queue,
+                                truncated: a.truncated,
+                            }),
+                            Ok(None) => {
+                                free.push(slot);
+                                let out = model.finish(seq).map(|generation| JobOutput {
+                                    generation,
+                                    queue: a.queue,
+                                    truncated: a.truncated,
+                                });
+                                reply(a.job, out, stats);
+                            }
+                            Err(e) => {
+                                free.push(slot);
+                                reply(a.job, Err(e), stats);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // 3. Drop sequences whose caller left, then one decode step for the rest.
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].job.reply.is_closed() {
+                let r = running.swap_remove(i);
+                free.push(r.slot);
+                reply(r.job, Err(ModelError::Cancelled), stats);
+            } else {
+                i += 1;
+            }
+        }
+        if running.is_empty() {
+            stats.running.store(0, Ordering::Relaxed);
+            continue;
+        }
+        metrics::histogram!("tagllm_engine_batch_size").record(running.len() as f64);
+        stats.running.store(running.len(), Ordering::Relaxed);
+        stats.peak_batch.fetch_max(running.len(), Ordering::Relaxed);
+        let steps: Vec<(u32, usize)> = running.iter().map(|r| (r.next, r.slot)).collect();
+        match model.decode_batch(&steps) {
+            Err(e) => {
+                let msg = e.to_string();
+                for r in running.drain(..) {
+                    free.push(r.slot);
+                    reply(r.job, Err(ModelError::Runtime(msg.clone())), stats);
+                }
+            }
+            Ok(all) => {
+                let mut still = Vec::with_capacity(running.len());
+                for (mut r, logits) in running.drain(..).zip(all) {
+                    match model.advance(&mut r.seq, &logits) {
+                        Ok(Some(next)) => {
+                            r.next = next;
+                            still.push(r);
+                        }
+                        Ok(None) => {
+                            free.push(r.slot);
+                            let out = model.finish(r.seq).map(|generation| JobOutput {
+                                generation,
+                                queue: r.queue,
+                                truncated: r.truncated,
+                            });
+                            reply(r.job, out, stats);
+                        }
+                        Err(e) => {
+                            free.push(r.slot);
+                            reply(r.job, Err(e), stats);
+                        }
+                    }
+                }
+                running = still;
+                stats.running.store(running.len(), Ordering::Relaxed);
+            }
+        }
+    }
 }

@@ -93,8 +93,27 @@ enum Weights {
 
 struct VlWeights {
     model: qwen3vl::Qwen3Vl,
+    /// The single-sequence path's cache.
     cache: qwen3vl::KvCache,
     rope_delta: i64,
+    /// The batched path's caches, allocated on first use and reused.
+    slots: Vec<VlSlot>,
+}
+
+/// One batch slot: a lazily allocated cache of `cap` positions and its sequence's rope delta.
+struct VlSlot {
+    cache: Option<qwen3vl::KvCache>,
+    cap: usize,
+    rope_delta: i64,
+}
+
+impl VlSlot {
+    fn cache(&mut self, model: &qwen3vl::Qwen3Vl) -> candle_core::Result<&mut qwen3vl::KvCache> {
+        if self.cache.is_none() {
+            self.cache = Some(model.new_cache(self.cap)?);
+        }
+        Ok(self.cache.as_mut().expect("just allocated"))
+    }
 }
 
 impl Weights {
@@ -133,6 +152,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Images are resized to at most this many pixels (one LLM token per 32x32 pixels).
     pub image_max_pixels: usize,
+    /// Sequences decoded together (models that batch: Qwen3-VL); each has its own KV cache of
+    /// `context_tokens` positions, allocated on first use.
+    pub max_batch: usize,
 }
 
 impl LoadOptions {
@@ -144,6 +166,7 @@ impl LoadOptions {
             device: Device::Cpu,
             dtype: None,
             image_max_pixels: 200_704,
+            max_batch: 1,
         }
     }
 }
@@ -431,6 +454,13 @@ impl TextModel {
                 model,
                 cache,
                 rope_delta: 0,
+                slots: (0..opts.max_batch.max(1))
+                    .map(|_| VlSlot {
+                        cache: None,
+                        cap: opts.context_tokens,
+                        rope_delta: 0,
+                    })
+                    .collect(),
             })),
             text_tokenizer: {
                 let mut t = tokenizer.clone();
@@ -619,6 +649,7 @@ impl TextModel {
                 model,
                 cache,
                 rope_delta,
+                ..
             } = &mut **w;
             let mut last = None;
             for &t in tokens {
@@ -720,70 +751,220 @@ impl TextModel {
         }
         let t0 = Instant::now();
         let (mut logits, prompt_len) = self.prefill(prompt, images)?;
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-        let mut out: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
+        let mut seq = self.start_sequence(params, prompt_len)?;
+        seq.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        loop {
+            if cancelled() {
+                return Err(ModelError::Cancelled);
+            }
+            match self.advance(&mut seq, &logits)? {
+                Some(next) => logits = self.forward(&[next], prompt_len + seq.out.len() - 1)?,
+                None => break,
+            }
+        }
+        self.finish(seq)
+    }
+
+    /// A new sequence's generation state (compiles or reuses its grammar).
+    pub fn start_sequence(
+        &mut self,
+        params: &GenParams,
+        prompt_tokens: usize,
+    ) -> Result<Sequence, ModelError> {
         let mut tracker = ValueTracker::default();
         tracker.push(params.assistant_prefix.as_bytes(), None);
-        let (mut constraint, grammar_compile_ms) = match &params.grammar {
+        let (constraint, grammar_compile_ms) = match &params.grammar {
             Some(g) => {
                 let (c, ms) = self.constrainer.start(g)?;
                 (Some(c), ms)
             }
             None => (None, 0.0),
         };
-        let tok_env = self.constrainer.tok_env().clone();
-        while out.len() < params.max_new_tokens {
-            if cancelled() {
-                return Err(ModelError::Cancelled);
-            }
-            let left = params.max_new_tokens - out.len();
-            let next = match constraint.as_mut() {
-                Some(c) => match c.choose(&logits, &tracker, left)? {
-                    Some(t) => t,
-                    None => break,
-                },
-                None => argmax(&logits),
-            };
-            if self.special.stop.contains(&next) {
-                break;
-            }
-            tracker.push(
-                tok_env.tok_trie().token(next),
-                Some(log_prob(&logits, next)),
-            );
-            if let Some(c) = constraint.as_mut() {
-                c.consume(next, &tracker)?;
-            }
-            out.push(next);
-            if params.stop_at_json_end && constraint.is_none() {
-                let text = self.tokenizer.decode(&out, true).map_err(rt)?;
-                if json_object_closed(&params.assistant_prefix, &text) {
-                    break;
-                }
-            }
-            if out.len() == params.max_new_tokens {
-                break;
-            }
-            logits = self.forward(&[next], prompt_len + out.len() - 1)?;
+        Ok(Sequence {
+            params: params.clone(),
+            prompt_tokens,
+            out: Vec::with_capacity(params.max_new_tokens),
+            tracker,
+            constraint,
+            grammar_compile_ms,
+            prefill_ms: 0.0,
+            decode_start: Instant::now(),
+        })
+    }
+
+    /// Takes the next token from `logits` (under the sequence's grammar, or greedy): `Some(token)`
+    /// to feed back, `None` when the sequence is finished (stop token, grammar complete, JSON
+    /// object closed, or `max_new_tokens`).
+    pub fn advance(&self, seq: &mut Sequence, logits: &[f32]) -> Result<Option<u32>, ModelError> {
+        let params = &seq.params;
+        if seq.out.len() >= params.max_new_tokens {
+            return Ok(None);
         }
-        let text = self.tokenizer.decode(&out, true).map_err(rt)?;
-        let mask_us = constraint
+        let left = params.max_new_tokens - seq.out.len();
+        let next = match seq.constraint.as_mut() {
+            Some(c) => match c.choose(logits, &seq.tracker, left)? {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+            None => argmax(logits),
+        };
+        if self.special.stop.contains(&next) {
+            return Ok(None);
+        }
+        let tok_env = self.constrainer.tok_env();
+        seq.tracker
+            .push(tok_env.tok_trie().token(next), Some(log_prob(logits, next)));
+        if let Some(c) = seq.constraint.as_mut() {
+            c.consume(next, &seq.tracker)?;
+        }
+        seq.out.push(next);
+        if params.stop_at_json_end && seq.constraint.is_none() {
+            let text = self.tokenizer.decode(&seq.out, true).map_err(rt)?;
+            if json_object_closed(&params.assistant_prefix, &text) {
+                return Ok(None);
+            }
+        }
+        if seq.out.len() == params.max_new_tokens {
+            return Ok(None);
+        }
+        Ok(Some(next))
+    }
+
+    /// The finished sequence's text, counts and timings.
+    pub fn finish(&self, seq: Sequence) -> Result<Generation, ModelError> {
+        let text = self.tokenizer.decode(&seq.out, true).map_err(rt)?;
+        let mask_us = seq
+            .constraint
             .as_ref()
             .filter(|c| c.steps > 0)
             .map(|c| c.mask_us / c.steps as f64)
             .unwrap_or(0.0);
         Ok(Generation {
             text,
-            prompt_tokens: prompt_len,
-            generated_tokens: out.len(),
-            prefill_ms,
-            decode_ms: t1.elapsed().as_secs_f64() * 1e3,
-            values: tracker.values().to_vec(),
-            grammar_compile_ms,
+            prompt_tokens: seq.prompt_tokens,
+            generated_tokens: seq.out.len(),
+            prefill_ms: seq.prefill_ms,
+            decode_ms: seq.decode_start.elapsed().as_secs_f64() * 1e3,
+            values: seq.tracker.values().to_vec(),
+            grammar_compile_ms: seq.grammar_compile_ms,
             mask_us,
         })
     }
+
+    /// Sequences this model can run in one step: more than one only for Qwen3-VL (the GGUF
+    /// models run through candle-transformers, whose KV cache holds one sequence).
+    pub fn max_batch(&self) -> usize {
+        match &self.weights {
+            Weights::Vl(w) => w.slots.len(),
+            _ => 1,
+        }
+    }
+
+    /// Prefills several prompts at once into the given free cache slots (batching models only);
+    /// returns each prompt's next-token logits and its length with images expanded.
+    pub fn prefill_batch(
+        &mut self,
+        prompts: &[(&[u32], &[ProcessedImage], usize)],
+    ) -> Result<Vec<(Vec<f32>, usize)>, ModelError> {
+        let Weights::Vl(w) = &mut self.weights else {
+            return Err(rt("this model does not batch"));
+        };
+        let VlWeights { model, slots, .. } = &mut **w;
+        let mut prepared = Vec::with_capacity(prompts.len());
+        for (ids, images, slot) in prompts {
+            let p = model.prepare(ids, images).map_err(rt)?;
+            let s = slots
+                .get_mut(*slot)
+                .ok_or_else(|| rt("no such cache slot"))?;
+            let cache = s.cache(model).map_err(rt)?;
+            if p.tokens.len() > cache.capacity() {
+                return Err(ModelError::PromptTooLong {
+                    tokens: p.tokens.len(),
+                    limit: cache.capacity(),
+                });
+            }
+            cache.reset();
+            s.rope_delta = p.rope_delta;
+            prepared.push(p);
+        }
+        let refs: Vec<&qwen3vl::Prepared> = prepared.iter().collect();
+        let mut caches = slot_caches(slots, prompts.iter().map(|p| p.2))?;
+        let logits = model.prefill(&refs, &mut caches, false).map_err(rt)?;
+        logits
+            .into_iter()
+            .zip(&prepared)
+            .map(|(l, p)| Ok((l.to_vec1::<f32>().map_err(rt)?, p.tokens.len())))
+            .collect()
+    }
+
+    /// One decode step for several sequences: `steps[i] = (token, slot)`. Returns each
+    /// sequence's next-token logits.
+    pub fn decode_batch(&mut self, steps: &[(u32, usize)]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let Weights::Vl(w) = &mut self.weights else {
+            return Err(rt("this model does not batch"));
+        };
+        let VlWeights { model, slots, .. } = &mut **w;
+        let tokens: Vec<u32> = steps.iter().map(|s| s.0).collect();
+        let deltas: Vec<i64> = steps
+            .iter()
+            .map(|s| slots.get(s.1).map(|x| x.rope_delta).unwrap_or(0))
+            .collect();
+        let mut caches = slot_caches(slots, steps.iter().map(|s| s.1))?;
+        let logits = model.decode(&tokens, &deltas, &mut caches).map_err(rt)?;
+        logits
+            .into_iter()
+            .map(|l| l.to_vec1::<f32>().map_err(rt))
+            .collect()
+    }
+}
+
+/// One sequence's generation state between steps.
+pub struct Sequence {
+    params: GenParams,
+    prompt_tokens: usize,
+    out: Vec<u32>,
+    tracker: ValueTracker,
+    constraint: Option<constrain::Constraint>,
+    grammar_compile_ms: f64,
+    /// Prefill wall time (set by whoever ran the prefill).
+    pub prefill_ms: f64,
+    decode_start: Instant,
+}
+
+impl Sequence {
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Restarts the decode clock (when decoding starts after a batched prefill).
+    pub fn start_decode_clock(&mut self) {
+        self.decode_start = Instant::now();
+    }
+}
+
+/// Mutable borrows of distinct cache slots, in the order asked.
+fn slot_caches(
+    slots: &mut [VlSlot],
+    which: impl Iterator<Item = usize>,
+) -> Result<Vec<&mut qwen3vl::KvCache>, ModelError> {
+    let which: Vec<usize> = which.collect();
+    let mut seen = vec![false; slots.len()];
+    for &i in &which {
+        if i >= slots.len() || std::mem::replace(&mut seen[i], true) {
+            return Err(rt(format!("cache slot {i} is out of range or used twice")));
+        }
+    }
+    let mut by_index: Vec<Option<&mut qwen3vl::KvCache>> =
+        slots.iter_mut().map(|s| s.cache.as_mut()).collect();
+    which
+        .iter()
+        .map(|&i| {
+            by_index[i]
+                .take()
+                .ok_or_else(|| rt("cache slot not allocated"))
+        })
+        .collect()
 }
 
 /// Log-probability of `token` under the softmax of `logits`.

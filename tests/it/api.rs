@@ -526,7 +526,7 @@ async fn a_broken_model_degrades_to_feature_reads_only() {
 }
 
 /// More concurrent TagNote calls than the queue holds: the excess is refused at once with
-/// RESOURCE_EXHAUSTED, the accepted ones complete, and the server keeps serving.
+/// RESOURCE_EXHAUSTED and a retry hint, the accepted ones complete, and the server keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_not_queued() {
     let dir = tempfile::tempdir().unwrap();
@@ -559,6 +559,21 @@ async fn overload_is_refused_not_queued() {
             Err(s) => {
                 assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
                 assert!(s.message().contains("queue is full"), "{}", s.message());
+                // A retry hint in gRPC's own pushback header, also named in the message.
+                let hint: u64 = s
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .expect("grpc-retry-pushback-ms")
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((50..=60_000).contains(&hint), "{hint}");
+                assert!(
+                    s.message().contains(&format!("{hint} ms")),
+                    "{}",
+                    s.message()
+                );
                 refused += 1;
             }
         }

@@ -580,3 +580,153 @@ fn vision_markup_in_a_note_is_text() {
         4
     );
 }
+
+mod engine {
+    use std::{
+        sync::atomic::Ordering,
+        time::{Duration, Instant},
+    };
+
+    use tagllm::model::{
+        chat::Message,
+        engine::{EngineConfig, EngineHandle, Job, JobOutput},
+        qwen3vl::image_proc::ProcessedImage,
+        GenParams, LoadOptions, ModelError, TextModel,
+    };
+    use tokio::sync::oneshot;
+
+    use super::{dir, processed, reference, Requantize};
+
+    fn engine(max_batch: usize) -> EngineHandle {
+        let (h, _join) = EngineHandle::spawn(EngineConfig {
+            model_path: dir().join("model"),
+            requantize: Requantize::None,
+            device: "cpu".into(),
+            dtype: None,
+            image_max_pixels: 65_536,
+            max_batch,
+            max_batch_tokens: 4096,
+            queue_capacity: 16,
+            context_tokens: 4096,
+        })
+        .unwrap();
+        h
+    }
+
+    /// Notes with and without images, of different lengths.
+    fn cases(model: &TextModel) -> Vec<(String, Vec<ProcessedImage>)> {
+        let r = reference();
+        let img = |n: &str| processed(model, n, &r);
+        vec![
+            (
+                "Title: 周末露营 Body: tent by the lake".into(),
+                vec![img("a"), img("b")],
+            ),
+            ("Tag this note: best ramen in Osaka".into(), vec![]),
+            ("what is this?".into(), vec![img("c")]),
+            ("A long body. ".repeat(30), vec![img("d")]),
+            ("短".into(), vec![]),
+            ("two images, one rotated".into(), vec![img("f"), img("e")]),
+        ]
+    }
+
+    fn job(
+        text: &str,
+        images: Vec<ProcessedImage>,
+        max_new_tokens: usize,
+    ) -> (Job, oneshot::Receiver<Result<JobOutput, ModelError>>) {
+        let (tx, rx) = oneshot::channel();
+        let n = images.len();
+        (
+            Job {
+                messages: vec![
+                    Message::new("system", "You tag notes."),
+                    Message::with_images("user", text, n),
+                ],
+                images,
+                max_new_tokens,
+                assistant_prefix: String::new(),
+                grammar: None,
+                enqueued: Instant::now(),
+                reply: tx,
+            },
+            rx,
+        )
+    }
+
+    /// Six notes submitted at once to a four-slot engine decode together (the engine's peak
+    /// batch says so), and each one's text equals its own unbatched generation token for token.
+    #[tokio::test]
+    async fn batched_results_equal_unbatched() {
+        let mut single = TextModel::load_with(
+            &dir().join("model"),
+            &LoadOptions {
+                image_max_pixels: 65_536,
+                ..LoadOptions::cpu(Requantize::None)
+            },
+        )
+        .unwrap();
+        let cases = cases(&single);
+        let params = GenParams {
+            max_new_tokens: 24,
+            context_tokens: 4096,
+            assistant_prefix: String::new(),
+            stop_at_json_end: true,
+            grammar: None,
+        };
+        let mut want = Vec::new();
+        for (text, images) in &cases {
+            let messages = [
+                Message::new("system", "You tag notes."),
+                Message::with_images("user", text.as_str(), images.len()),
+            ];
+            let ids = single.encode_chat(&messages, "").unwrap();
+            let g = single
+                .generate_with_images(&ids, images, &params, &|| false)
+                .unwrap();
+            want.push((g.text, g.generated_tokens, g.prompt_tokens));
+        }
+        let e = engine(4);
+        e.wait_ready().await.unwrap();
+        let mut rxs = Vec::new();
+        for (text, images) in &cases {
+            let (j, rx) = job(text, images.clone(), 24);
+            e.try_submit(j).unwrap();
+            rxs.push(rx);
+        }
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let out = rx.await.unwrap().unwrap().generation;
+            assert_eq!(
+                (out.text, out.generated_tokens, out.prompt_tokens),
+                want[i],
+                "note {i}: batched differs from unbatched"
+            );
+        }
+        let peak = e.stats().peak_batch.load(Ordering::Relaxed);
+        assert!(peak > 1, "the engine never batched (peak {peak})");
+        assert!(peak <= 4, "more sequences than slots (peak {peak})");
+    }
+
+    /// A caller that goes away mid-generation frees its slot: with one slot, a very long job is
+    /// dropped once it is running, the engine counts it cancelled (it did not run to its token
+    /// limit), and the next job runs.
+    #[tokio::test]
+    async fn a_cancelled_request_frees_its_slot() {
+        let e = engine(1);
+        e.wait_ready().await.unwrap();
+        let (long, long_rx) = job("Tag this note: best ramen in Osaka", vec![], 3500);
+        e.try_submit(long).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while e.stats().running.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the long job never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(long_rx);
+        let (next, next_rx) = job("短", vec![], 8);
+        e.try_submit(next).unwrap();
+        let out = next_rx.await.unwrap().unwrap();
+        assert!(out.generation.generated_tokens <= 8);
+        assert_eq!(e.stats().cancelled.load(Ordering::Relaxed), 1);
+        assert_eq!(e.stats().completed.load(Ordering::Relaxed), 1);
+    }
+}
