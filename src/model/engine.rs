@@ -272,7 +272,16 @@ fn run(
                 stop_at_json_end: false,
                 grammar: None,
             };
-            model.generate(&p, &params, &|| false)
+            if model.qwen3vl().is_some() {
+                // Through the batch path (slot 0), the one the engine serves with: no second
+                // cache for the single-sequence path.
+                let (logits, _) = model.prefill_batch(&[(&p, &[], 0)])?.remove(0);
+                model
+                    .decode_batch(&[(super::argmax(&logits), 0)])
+                    .map(|_| ())
+            } else {
+                model.generate(&p, &params, &|| false).map(|_| ())
+            }
         });
     if let Err(e) = warm {
         tracing::error!(error = %e, "model warm-up failed");

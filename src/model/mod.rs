@@ -93,9 +93,8 @@ enum Weights {
 
 struct VlWeights {
     model: qwen3vl::Qwen3Vl,
-    /// The single-sequence path's cache.
-    cache: qwen3vl::KvCache,
-    rope_delta: i64,
+    /// The single-sequence path's cache (allocated on first use).
+    single: VlSlot,
     /// The batched path's caches, allocated on first use and reused.
     slots: Vec<VlSlot>,
 }
@@ -205,8 +204,8 @@ fn device_name(d: &Device) -> String {
     }
 }
 
-/// Architectures (`general.architecture`) that load.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3_vl"];
+/// GGUF architectures (`general.architecture`) that load (a Qwen3-VL checkpoint is a directory).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 /// A loaded text model with its tokenizer and chat template.
 pub struct TextModel {
@@ -438,9 +437,6 @@ impl TextModel {
         let digest = tokenizer::dir_digest(dir).map_err(|e| load_err(dir, e))?;
         let model = qwen3vl::Qwen3Vl::load(dir, config, dtype, vision_dtype, &device)
             .map_err(|e| load_err(dir, e))?;
-        let cache = model
-            .new_cache(opts.context_tokens)
-            .map_err(|e| load_err(dir, e))?;
         let vocab_size = model.config.text.vocab_size;
         let constrainer =
             constrain::Constrainer::new(&tokenizer, &special.stop).map_err(|e| load_err(dir, e))?;
@@ -452,8 +448,11 @@ impl TextModel {
         Ok(TextModel {
             weights: Weights::Vl(Box::new(VlWeights {
                 model,
-                cache,
-                rope_delta: 0,
+                single: VlSlot {
+                    cache: None,
+                    cap: opts.context_tokens,
+                    rope_delta: 0,
+                },
                 slots: (0..opts.max_batch.max(1))
                     .map(|_| VlSlot {
                         cache: None,
@@ -645,16 +644,13 @@ impl TextModel {
             return self.prefill(tokens, &[]).map(|(l, _)| l);
         }
         if let Weights::Vl(w) = &mut self.weights {
-            let VlWeights {
-                model,
-                cache,
-                rope_delta,
-                ..
-            } = &mut **w;
+            let VlWeights { model, single, .. } = &mut **w;
+            let delta = single.rope_delta;
+            let cache = single.cache(model).map_err(rt)?;
             let mut last = None;
             for &t in tokens {
                 let l = model
-                    .decode(&[t], &[*rope_delta], &mut [&mut *cache])
+                    .decode(&[t], &[delta], &mut [&mut *cache])
                     .map_err(rt)?;
                 last = l.into_iter().next();
             }
@@ -697,19 +693,20 @@ impl TextModel {
                 .map_err(rt)?;
             return Ok((logits, prompt.len()));
         };
-        let prepared = w.model.prepare(prompt, images).map_err(rt)?;
-        if prepared.tokens.len() > w.cache.capacity() {
+        let VlWeights { model, single, .. } = &mut **w;
+        let prepared = model.prepare(prompt, images).map_err(rt)?;
+        let cache = single.cache(model).map_err(rt)?;
+        if prepared.tokens.len() > cache.capacity() {
             return Err(ModelError::PromptTooLong {
                 tokens: prepared.tokens.len(),
-                limit: w.cache.capacity(),
+                limit: cache.capacity(),
             });
         }
-        w.cache.reset();
-        let logits = w
-            .model
-            .prefill(&[&prepared], &mut [&mut w.cache], false)
+        cache.reset();
+        let logits = model
+            .prefill(&[&prepared], &mut [cache], false)
             .map_err(rt)?;
-        w.rope_delta = prepared.rope_delta;
+        single.rope_delta = prepared.rope_delta;
         let logits = logits
             .into_iter()
             .next()
