@@ -280,6 +280,7 @@ fn batched_rows_match_hf_batch_and_single_runs() {
     let mut next: Vec<u32> = Vec::new();
     for (i, l) in last.iter().enumerate() {
         let diff = max_abs_diff(l, &want_last.get(i).unwrap());
+        eprintln!("batch row {i}: max |last logit diff| vs HF's left-padded batch {diff:.2e}");
         assert!(
             diff <= 1e-4,
             "row {i}: last logits differ from HF's batch by {diff:e}"
