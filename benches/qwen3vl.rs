@@ -87,13 +87,7 @@ fn main() {
     // --prompt-tokens counts the image's tokens too, as the transformers script does.
     let image_tokens: usize = images
         .iter()
-        .map(|p| {
-            vl.image_tokens(&tagllm::model::qwen3vl::Grid {
-                t: p.grid_thw[0],
-                h: p.grid_thw[1],
-                w: p.grid_thw[2],
-            })
-        })
+        .map(|p| p.llm_tokens(vl.config.vision.spatial_merge_size))
         .sum();
     let placeholders = images.len();
     while ids.len() + image_tokens < prompt_tokens + placeholders {

@@ -165,8 +165,8 @@ impl Tagger {
                 note.images.len()
             ));
         }
-        let images = match (&info.image_processor, info.multimodal) {
-            (Some(proc), true) => {
+        let images = match &info.image_processor {
+            Some(proc) => {
                 let uris = note
                     .images
                     .iter()
@@ -179,7 +179,7 @@ impl Tagger {
                 }
                 crate::images::preprocess_note(note, proc.clone(), &self.limits).await?
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let images_used = images.len() as u32;
         if self.handbook.lookup(&note.category).is_none() {

@@ -93,9 +93,7 @@ enum Weights {
 
 struct VlWeights {
     model: qwen3vl::Qwen3Vl,
-    /// The single-sequence path's cache (allocated on first use).
-    single: VlSlot,
-    /// The batched path's caches, allocated on first use and reused.
+    /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
     slots: Vec<VlSlot>,
 }
 
@@ -202,6 +200,13 @@ fn device_name(d: &Device) -> String {
         },
         _ => format!("{:?}", d.location()),
     }
+}
+
+/// The same tokenizer with special tokens treated as text, for untrusted message contents.
+fn text_tokenizer(tokenizer: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    let mut t = tokenizer.clone();
+    t.set_encode_special_tokens(true);
+    t
 }
 
 /// GGUF architectures (`general.architecture`) that load (a Qwen3-VL checkpoint is a directory).
@@ -372,11 +377,7 @@ impl TextModel {
             .map_err(|e| load_err(path, e))?;
         Ok(TextModel {
             weights,
-            text_tokenizer: {
-                let mut t = tokenizer.clone();
-                t.set_encode_special_tokens(true);
-                t
-            },
+            text_tokenizer: text_tokenizer(&tokenizer),
             tokenizer,
             special,
             template,
@@ -448,11 +449,6 @@ impl TextModel {
         Ok(TextModel {
             weights: Weights::Vl(Box::new(VlWeights {
                 model,
-                single: VlSlot {
-                    cache: None,
-                    cap: opts.context_tokens,
-                    rope_delta: 0,
-                },
                 slots: (0..opts.max_batch.max(1))
                     .map(|_| VlSlot {
                         cache: None,
@@ -461,11 +457,7 @@ impl TextModel {
                     })
                     .collect(),
             })),
-            text_tokenizer: {
-                let mut t = tokenizer.clone();
-                t.set_encode_special_tokens(true);
-                t
-            },
+            text_tokenizer: text_tokenizer(&tokenizer),
             tokenizer,
             special,
             template,
@@ -487,18 +479,13 @@ impl TextModel {
     /// LLM tokens the images add to a prompt beyond their one placeholder each.
     pub fn extra_image_tokens(&self, images: &[ProcessedImage]) -> usize {
         match &self.weights {
-            Weights::Vl(w) => images
-                .iter()
-                .map(|p| {
-                    w.model
-                        .image_tokens(&qwen3vl::Grid {
-                            t: p.grid_thw[0],
-                            h: p.grid_thw[1],
-                            w: p.grid_thw[2],
-                        })
-                        .saturating_sub(1)
-                })
-                .sum(),
+            Weights::Vl(w) => {
+                let merge = w.model.config.vision.spatial_merge_size;
+                images
+                    .iter()
+                    .map(|p| p.llm_tokens(merge).saturating_sub(1))
+                    .sum()
+            }
             _ => 0,
         }
     }
@@ -640,24 +627,16 @@ impl TextModel {
 
     /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        if pos == 0 && matches!(self.weights, Weights::Vl(_)) {
-            return self.prefill(tokens, &[]).map(|(l, _)| l);
-        }
-        if let Weights::Vl(w) = &mut self.weights {
-            let VlWeights { model, single, .. } = &mut **w;
-            let delta = single.rope_delta;
-            let cache = single.cache(model).map_err(rt)?;
+        if matches!(self.weights, Weights::Vl(_)) {
+            // The single-sequence path is batch slot 0.
+            if pos == 0 {
+                return self.prefill(tokens, &[]).map(|(l, _)| l);
+            }
             let mut last = None;
             for &t in tokens {
-                let l = model
-                    .decode(&[t], &[delta], &mut [&mut *cache])
-                    .map_err(rt)?;
-                last = l.into_iter().next();
+                last = self.decode_batch(&[(t, 0)])?.pop();
             }
-            return last
-                .ok_or_else(|| rt("no tokens"))?
-                .to_vec1::<f32>()
-                .map_err(rt);
+            return last.ok_or_else(|| rt("no tokens"));
         }
         let input = Tensor::new(tokens, &self.device)
             .and_then(|t| t.unsqueeze(0))
@@ -665,7 +644,7 @@ impl TextModel {
         let logits = self.weights.forward(&input, pos).map_err(rt)?;
         logits
             .squeeze(0)
-            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .and_then(|l| l.to_dtype(DType::F32))
             .and_then(|l| l.to_vec1::<f32>())
             .map_err(rt)
     }
@@ -678,42 +657,16 @@ impl TextModel {
         prompt: &[u32],
         images: &[ProcessedImage],
     ) -> Result<(Vec<f32>, usize), ModelError> {
-        let Weights::Vl(w) = &mut self.weights else {
-            if !images.is_empty() {
-                return Err(rt("this model reads no images"));
-            }
-            let input = Tensor::new(prompt, &self.device)
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(rt)?;
-            let logits = self.weights.forward(&input, 0).map_err(rt)?;
-            let logits = logits
-                .squeeze(0)
-                .and_then(|l| l.to_dtype(DType::F32))
-                .and_then(|l| l.to_vec1::<f32>())
-                .map_err(rt)?;
-            return Ok((logits, prompt.len()));
-        };
-        let VlWeights { model, single, .. } = &mut **w;
-        let prepared = model.prepare(prompt, images).map_err(rt)?;
-        let cache = single.cache(model).map_err(rt)?;
-        if prepared.tokens.len() > cache.capacity() {
-            return Err(ModelError::PromptTooLong {
-                tokens: prepared.tokens.len(),
-                limit: cache.capacity(),
-            });
+        if matches!(self.weights, Weights::Vl(_)) {
+            return self
+                .prefill_batch(&[(prompt, images, 0)])?
+                .pop()
+                .ok_or_else(|| rt("no logits"));
         }
-        cache.reset();
-        let logits = model
-            .prefill(&[&prepared], &mut [cache], false)
-            .map_err(rt)?;
-        single.rope_delta = prepared.rope_delta;
-        let logits = logits
-            .into_iter()
-            .next()
-            .ok_or_else(|| rt("no logits"))?
-            .to_vec1::<f32>()
-            .map_err(rt)?;
-        Ok((logits, prepared.tokens.len()))
+        if !images.is_empty() {
+            return Err(rt("this model reads no images"));
+        }
+        Ok((self.forward(prompt, 0)?, prompt.len()))
     }
 
     /// Greedy generation from `prompt`, stopping on a stop token, `max_new_tokens`, a complete

@@ -152,14 +152,7 @@ impl Qwen3Vl {
                 images.len()
             ));
         }
-        let grids: Vec<Grid> = images
-            .iter()
-            .map(|p| Grid {
-                t: p.grid_thw[0],
-                h: p.grid_thw[1],
-                w: p.grid_thw[2],
-            })
-            .collect();
+        let grids: Vec<Grid> = images.iter().map(Grid::of).collect();
         let mut tokens = Vec::with_capacity(ids.len());
         let mut next = 0;
         for &t in ids {
@@ -175,12 +168,8 @@ impl Qwen3Vl {
         let images = if images.is_empty() {
             None
         } else {
-            let rows: usize = images
-                .iter()
-                .map(|p| p.grid_thw.iter().product::<usize>())
-                .sum();
-            let row_len =
-                images[0].pixel_values.len() / images[0].grid_thw.iter().product::<usize>();
+            let rows: usize = images.iter().map(|p| p.rows()).sum();
+            let row_len = images[0].row_len();
             let mut flat = Vec::with_capacity(rows * row_len);
             for p in images {
                 flat.extend_from_slice(&p.pixel_values);

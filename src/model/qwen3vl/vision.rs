@@ -21,6 +21,15 @@ pub struct Grid {
 }
 
 impl Grid {
+    /// The grid of a processed image.
+    pub fn of(p: &super::image_proc::ProcessedImage) -> Grid {
+        Grid {
+            t: p.grid_thw[0],
+            h: p.grid_thw[1],
+            w: p.grid_thw[2],
+        }
+    }
+
     /// Patches.
     pub fn patches(&self) -> usize {
         self.t * self.h * self.w
