@@ -24,6 +24,11 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Hand-written so the server can send notes it encoded once (src/grpc/wire.rs).
+        .extern_path(
+            ".tagllm.v1.GetNoteFeaturesResponse",
+            "crate::grpc::wire::GetNoteFeaturesResponse",
+        )
         .compile_fds(fds)
         .context("generating code")?;
     Ok(())

@@ -1,73 +1,112 @@
-//! Load generator: a real server on 127.0.0.1:0 with the default model, driven over gRPC.
+//! Tagging load generator: a real server on 127.0.0.1:0 (in this process, real gRPC over loopback)
+//! and TagNote clients at one or more concurrencies. For each concurrency it sends `--requests`
+//! TagNote calls with `force` (fixture notes, cycled), `c` at a time, and reports notes/s,
+//! aggregate generated and prompt tokens/s, latency p50/p99, and the mean queue, prefill and
+//! decode time the server reported.
 //!
-//! Phase 1 (tagging): TagNote with `force` on one fixture note per category, sequentially; reports
-//! latency, prompt and generated tokens, prefill and decode tokens/s. It also writes the prompt
-//! token ids to `target/bench/prompts.json`, so `scripts/bench_llamacpp.py` can time llama.cpp on
-//! exactly the same prompts in the same run.
+//!     cargo bench --bench load                                  # default model, 1 and 16 clients
+//!     cargo bench --bench load -- --model DIR --image synth:448 --decoding unconstrained \
+//!         --max-new-tokens 64 --concurrency 1,16 --requests 32
 //!
-//! Phase 2 (feature reads): fills the store with synthetic tagged notes (tags drawn from the
-//! handbook's examples), warms the cache, then sends GetNoteFeatures batches of random ids at a
-//! fixed concurrency, in both layouts; reports latency percentiles and notes/s.
+//! Flags: --model PATH (the default GGUF), --device (cpu), --dtype (auto), --concurrency LIST
+//! (1,16), --requests N per concurrency (32), --notes K distinct fixture notes (12), --image
+//! PATH or synth:N (an N x N synthetic image on every note; none by default), --max-new-tokens N
+//! (config default), --decoding constrained|unconstrained (constrained), --requantize
+//! none|q8_0 (q8_0), --max-batch N (config default), --prefix-cache N (entries; config default),
+//! --out DIR (target/bench).
 //!
-//!     cargo bench --bench load                      # defaults below
-//!     cargo bench --bench load -- --tag-notes 0     # feature reads only
-//!
-//! Flags: --tag-notes N (6), --notes N (10000), --batch N (500), --requests N (2000; 0 skips
-//! phase 2), --concurrency N (4), --requantize none|q8_0 (q8_0).
+//! It also writes the prompts the server saw, for the peers to run the same ones in the same run:
+//! for a GGUF, `DIR/prompts.json` with token ids (`scripts/bench_llamacpp.py`); for a checkpoint
+//! directory, `DIR/vl-prompts.json` with the rendered chat text, image paths and our prompt token
+//! count (`scripts/bench_gpu_hf.py`). The results go to `DIR/load-<concurrency>.json`.
 
 use std::{
-    path::Path,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use tagllm::{
-    config::{Config, Requantize},
-    domain::{RawNote, Tag, Versions},
+    config::{Config, Decoding, Requantize},
+    domain::RawNote,
     grpc::pb,
     handbook::Handbook,
-    model::TextModel,
+    model::{chat::ChatTemplate, tokenizer, TextModel},
     prompt,
-    store::{RedbStore, Store, StoredNote},
-    tags::normalize,
 };
 use tonic::transport::Channel;
 
 struct Args {
-    requantize: Requantize,
-    tag_notes: usize,
-    notes: usize,
-    batch: usize,
+    model: Option<PathBuf>,
+    device: Option<String>,
+    dtype: Option<String>,
+    concurrency: Vec<usize>,
     requests: usize,
-    concurrency: usize,
+    notes: usize,
+    image: Option<String>,
+    max_new_tokens: Option<usize>,
+    decoding: Decoding,
+    requantize: Requantize,
+    max_batch: Option<usize>,
+    prefix_cache: Option<usize>,
+    out: PathBuf,
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
+        model: None,
+        device: None,
+        dtype: None,
+        concurrency: vec![1, 16],
+        requests: 32,
+        notes: 12,
+        image: None,
+        max_new_tokens: None,
+        decoding: Decoding::Constrained,
         requantize: Requantize::Q8_0,
-        tag_notes: 6,
-        notes: 10_000,
-        batch: 500,
-        requests: 2000,
-        concurrency: 4,
+        max_batch: None,
+        prefix_cache: None,
+        out: root().join("target/bench"),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let val = || argv.get(i + 1).and_then(|v| v.parse::<usize>().ok());
+        let s = || argv.get(i + 1).cloned().expect("flag needs a value");
+        let n = || s().parse::<usize>().expect("flag needs a number");
         match argv[i].as_str() {
-            "--tag-notes" => a.tag_notes = val().expect("--tag-notes N"),
-            "--notes" => a.notes = val().expect("--notes N"),
-            "--batch" => a.batch = val().expect("--batch N"),
-            "--requests" => a.requests = val().expect("--requests N"),
-            "--concurrency" => a.concurrency = val().expect("--concurrency N"),
-            "--requantize" => {
-                a.requantize = match argv.get(i + 1).map(String::as_str) {
-                    Some("none") => Requantize::None,
-                    Some("q8_0") => Requantize::Q8_0,
-                    other => panic!("--requantize none|q8_0, got {other:?}"),
+            "--model" => a.model = Some(s().into()),
+            "--device" => a.device = Some(s()),
+            "--dtype" => a.dtype = Some(s()),
+            "--concurrency" => {
+                a.concurrency = s()
+                    .split(',')
+                    .map(|c| c.parse().expect("--concurrency 1,16"))
+                    .collect()
+            }
+            "--requests" => a.requests = n(),
+            "--notes" => a.notes = n(),
+            "--image" => a.image = Some(s()),
+            "--max-new-tokens" => a.max_new_tokens = Some(n()),
+            "--decoding" => {
+                a.decoding = match s().as_str() {
+                    "constrained" => Decoding::Constrained,
+                    "unconstrained" => Decoding::Unconstrained,
+                    o => panic!("--decoding constrained|unconstrained, got {o}"),
                 }
             }
+            "--requantize" => {
+                a.requantize = match s().as_str() {
+                    "none" => Requantize::None,
+                    "q8_0" => Requantize::Q8_0,
+                    o => panic!("--requantize none|q8_0, got {o}"),
+                }
+            }
+            "--max-batch" => a.max_batch = Some(n()),
+            "--prefix-cache" => a.prefix_cache = Some(n()),
+            "--out" => a.out = s().into(),
             _ => {
                 i += 1; // cargo passes --bench; ignore unknown flags
                 continue;
@@ -78,64 +117,15 @@ fn parse_args() -> Args {
     a
 }
 
-/// xorshift64*: deterministic, dependency-free randomness for synthetic data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn fill_store(dir: &Path, handbook: &Handbook, n: usize) {
-    let store = RedbStore::open(dir).unwrap();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut batch = Vec::with_capacity(n);
-    for i in 0..n {
-        let cat = &handbook.categories[rng.below(handbook.categories.len())];
-        let mut tags = Vec::new();
-        for d in &cat.dimensions {
-            for _ in 0..1 + rng.below(2) {
-                let ex = &d.examples[rng.below(d.examples.len())];
-                tags.push(Tag {
-                    dimension: d.key.clone(),
-                    value: normalize(ex),
-                    score: 0.5 + (rng.below(50) as f32) / 100.0,
-                });
-            }
-        }
-        tags.dedup_by(|a, b| a.dimension == b.dimension && a.value == b.value);
-        batch.push(StoredNote {
-            note_id: format!("note-{i:07}"),
-            category: cat.key.clone(),
-            handbook_category: cat.key.clone(),
-            content_hash: String::new(),
-            versions: Versions::default(),
-            tags,
-            tagged_at_ms: 1,
-            raw_output: String::new(),
-            dropped_tags: 0,
-            prompt_tokens: 0,
-            generated_tokens: 0,
-        });
-    }
-    store.put_many(&batch).unwrap();
-}
-
+/// Up to `k` fixture notes, English and Chinese alternating across categories.
 fn fixture_notes(k: usize) -> Vec<pb::Note> {
     let mut out = Vec::new();
     for cat in ["sneakers", "apparel", "beauty", "digital", "food", "travel"] {
@@ -155,44 +145,105 @@ fn fixture_notes(k: usize) -> Vec<pb::Note> {
             });
         }
     }
-    // Alternate languages across categories: English first, then Chinese.
     out.sort_by_key(|n| n.note_id.ends_with("-001"));
-    out.truncate(k);
+    out.truncate(k.max(1));
     out
 }
 
-fn dump_prompts(cfg: &Config, handbook: &Handbook, notes: &[pb::Note]) {
-    let model = TextModel::load(&cfg.model.path, Requantize::None).unwrap();
-    let prompts: Vec<serde_json::Value> = notes
-        .iter()
-        .map(|n| {
-            let note = RawNote {
-                note_id: n.note_id.clone(),
-                category: n.category.clone(),
-                title: n.title.clone(),
-                body: n.body.clone(),
-                ..Default::default()
-            }
-            .validate(&cfg.limits)
-            .unwrap();
-            let cat = handbook.resolve(&note.category);
-            let ids = model
-                .encode_chat(
-                    &prompt::messages(&note, cat, &cfg.limits, 0),
-                    &prompt::assistant_prefix(cat),
-                )
-                .unwrap();
-            serde_json::json!({"note_id": n.note_id, "prompt_ids": ids})
-        })
-        .collect();
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = serde_json::json!({"max_new_tokens": cfg.model.max_new_tokens, "prompts": prompts});
-    std::fs::write(
-        dir.join("prompts.json"),
-        serde_json::to_string(&out).unwrap(),
-    )
-    .unwrap();
+/// The image every note carries: a file, or `synth:N`, an N x N PNG with smooth gradients and
+/// a pattern (written to `out` so the peer reads the same bytes).
+fn note_image(spec: &str, out: &Path) -> PathBuf {
+    let Some(n) = spec.strip_prefix("synth:") else {
+        return PathBuf::from(spec);
+    };
+    let n: u32 = n.parse().expect("synth:N");
+    let img = image::RgbImage::from_fn(n, n, |x, y| {
+        let (fx, fy) = (x as f32 / n as f32, y as f32 / n as f32);
+        let ring = (((fx - 0.5).hypot(fy - 0.5) * 40.0).sin() * 0.5 + 0.5) * 255.0;
+        image::Rgb([(fx * 255.0) as u8, (fy * 255.0) as u8, ring as u8])
+    });
+    let path = out.join(format!("note-{n}.png"));
+    img.save(&path).unwrap();
+    path
+}
+
+/// What the peers need to run the prompts the server ran.
+fn dump_prompts(
+    cfg: &Config,
+    handbook: &Handbook,
+    notes: &[pb::Note],
+    images: &[PathBuf],
+    prompt_tokens: &[u32],
+    out: &Path,
+) {
+    let path = &cfg.model.path;
+    let render = |n: &pb::Note| {
+        let note = RawNote {
+            note_id: n.note_id.clone(),
+            category: n.category.clone(),
+            title: n.title.clone(),
+            body: n.body.clone(),
+            ..Default::default()
+        }
+        .validate(&cfg.limits)
+        .unwrap();
+        let cat = handbook.resolve(&note.category);
+        (
+            prompt::messages(&note, cat, &cfg.limits, images.len()),
+            prompt::assistant_prefix(cat),
+        )
+    };
+    if path.is_dir() {
+        let tok = tokenizers::Tokenizer::from_file(path.join("tokenizer.json")).unwrap();
+        let special = tokenizer::from_hf_dir(path, &tok).unwrap();
+        let src = tokenizer::hf_chat_template(path)
+            .unwrap()
+            .expect("a chat template");
+        let template = ChatTemplate::new(&src, &special.bos_text, &special.eos_text).unwrap();
+        let prompts: Vec<serde_json::Value> = notes
+            .iter()
+            .zip(prompt_tokens)
+            .map(|(n, &pt)| {
+                let (messages, prefix) = render(n);
+                let mut text = template.render(&messages, true).unwrap();
+                text.push_str(&prefix);
+                serde_json::json!({
+                    "note_id": n.note_id,
+                    "text": text,
+                    "images": images.iter().map(|p| std::fs::canonicalize(p).unwrap()).collect::<Vec<_>>(),
+                    "prompt_tokens": pt,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "model": std::fs::canonicalize(path).unwrap(),
+            "new_tokens": cfg.model.max_new_tokens,
+            "image_max_pixels": cfg.model.image_max_pixels,
+            "prompts": prompts,
+        });
+        std::fs::write(
+            out.join("vl-prompts.json"),
+            serde_json::to_string_pretty(&doc).unwrap(),
+        )
+        .unwrap();
+    } else {
+        let model = TextModel::load(path, Requantize::None).unwrap();
+        let prompts: Vec<serde_json::Value> = notes
+            .iter()
+            .map(|n| {
+                let (messages, prefix) = render(n);
+                let ids = model.encode_chat(&messages, &prefix).unwrap();
+                serde_json::json!({"note_id": n.note_id, "prompt_ids": ids})
+            })
+            .collect();
+        let doc =
+            serde_json::json!({"max_new_tokens": cfg.model.max_new_tokens, "prompts": prompts});
+        std::fs::write(
+            out.join("prompts.json"),
+            serde_json::to_string(&doc).unwrap(),
+        )
+        .unwrap();
+    }
 }
 
 async fn connect(addr: std::net::SocketAddr) -> Channel {
@@ -203,8 +254,21 @@ async fn connect(addr: std::net::SocketAddr) -> Channel {
         .unwrap()
 }
 
+/// One call's outcome.
+#[derive(Clone, Default)]
+struct Call {
+    wall_ms: f64,
+    queue_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    prompt_tokens: u32,
+    cached_prompt_tokens: u32,
+    generated_tokens: u32,
+}
+
 fn main() {
     let args = parse_args();
+    std::fs::create_dir_all(&args.out).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
@@ -212,32 +276,61 @@ fn main() {
         schema: root().join("models/features.toml"),
         ..Config::default()
     };
-    cfg.model.path = root().join(&cfg.model.path);
+    cfg.model.path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| root().join(&cfg.model.path));
     cfg.model.requantize = args.requantize;
+    cfg.model.decoding = args.decoding;
+    if let Some(d) = &args.device {
+        cfg.model.device = d.clone();
+    }
+    if let Some(d) = &args.dtype {
+        cfg.model.dtype = d.clone();
+    }
+    if let Some(n) = args.max_new_tokens {
+        cfg.model.max_new_tokens = n;
+    }
+    if let Some(n) = args.max_batch {
+        cfg.model.max_batch = n;
+    }
+    if let Some(n) = args.prefix_cache {
+        cfg.model.prefix_cache_entries = n;
+    }
+    let max_conc = args.concurrency.iter().copied().max().unwrap_or(1);
+    cfg.model.queue_capacity = cfg.model.queue_capacity.max(2 * max_conc);
     // The metrics layer and endpoint run as in production, on a free port.
     cfg.server.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-    cfg.limits.max_ids_per_request = cfg.limits.max_ids_per_request.max(args.batch);
     let handbook = Handbook::load(&cfg.handbook).unwrap();
-    println!(
-        "machine: {} cores; model {}; requantize {:?}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        cfg.model.path.display(),
-        cfg.model.requantize
-    );
 
-    let t = Instant::now();
-    fill_store(dir.path(), &handbook, args.notes);
-    println!(
-        "filled store with {} synthetic notes in {:.1} s",
-        args.notes,
-        t.elapsed().as_secs_f64()
-    );
-    let notes = fixture_notes(args.tag_notes);
-    if !notes.is_empty() {
-        dump_prompts(&cfg, &handbook, &notes);
+    let images: Vec<PathBuf> = args
+        .image
+        .iter()
+        .map(|s| note_image(s, &args.out))
+        .collect();
+    let image_bytes: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let mut notes = fixture_notes(args.notes);
+    for n in &mut notes {
+        n.images = image_bytes
+            .iter()
+            .map(|b| pb::Image {
+                source: Some(pb::image::Source::Data(b.clone())),
+            })
+            .collect();
     }
+    println!(
+        "machine: {} cores; model {}; device {}; dtype {}; decoding {:?}; max_new_tokens {}; max_batch {}; prefix cache {}; {} distinct notes, {} image(s) each",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cfg.model.path.display(),
+        cfg.model.device,
+        cfg.model.dtype,
+        cfg.model.decoding,
+        cfg.model.max_new_tokens,
+        cfg.model.max_batch,
+        cfg.model.prefix_cache_entries,
+        notes.len(),
+        images.len(),
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -251,6 +344,7 @@ fn main() {
             let _ = stop_rx.await;
         }));
         // Wait for the model.
+        let t_load = Instant::now();
         loop {
             if let Ok(ch) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await {
                 let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
@@ -262,127 +356,106 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-
-        // Phase 1: tagging.
-        if !notes.is_empty() {
-            let mut client = pb::tag_service_client::TagServiceClient::new(connect(addr).await);
-            println!("\nTagNote (force, sequential, max_new_tokens {}):", cfg.model.max_new_tokens);
-            println!("| note | prompt tok | gen tok | prefill ms | decode ms | prefill tok/s | decode tok/s | total ms |");
-            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-            let (mut pt, mut gt, mut pms, mut dms, mut tot) = (0u64, 0u64, 0f64, 0f64, Vec::new());
-            for n in &notes {
-                let t0 = Instant::now();
-                let r = client
-                    .tag_note(pb::TagNoteRequest {
-                        note: Some(n.clone()),
-                        force: true,
-                        include_raw_output: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let wall = t0.elapsed().as_secs_f64() * 1e3;
-                let t = r.timings.unwrap();
-                println!(
-                    "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",
-                    n.note_id,
-                    t.prompt_tokens,
-                    t.generated_tokens,
-                    t.prefill_ms,
-                    t.decode_ms,
-                    t.prompt_tokens as f64 / t.prefill_ms * 1e3,
-                    t.generated_tokens as f64 / t.decode_ms * 1e3,
-                    wall
-                );
-                pt += t.prompt_tokens as u64;
-                gt += t.generated_tokens as u64;
-                pms += t.prefill_ms;
-                dms += t.decode_ms;
-                tot.push(wall);
-            }
-            tot.sort_by(f64::total_cmp);
-            println!(
-                "all: prefill {:.1} tok/s, decode {:.1} tok/s, latency p50 {:.0} ms, max {:.0} ms, {:.3} notes/s",
-                pt as f64 / pms * 1e3,
-                gt as f64 / dms * 1e3,
-                percentile(&tot, 0.5),
-                tot[tot.len() - 1],
-                tot.len() as f64 / (tot.iter().sum::<f64>() / 1e3)
-            );
-        }
-
-        // Phase 2: feature reads.
-        if args.requests == 0 || args.notes == 0 {
-            let _ = stop_tx.send(());
-            server.await.unwrap().unwrap();
-            return;
-        }
-        let ids: Arc<Vec<String>> = Arc::new((0..args.notes).map(|i| format!("note-{i:07}")).collect());
+        println!("model ready in {:.1} s", t_load.elapsed().as_secs_f64());
         let ch = connect(addr).await;
-        let mut warm = pb::feature_service_client::FeatureServiceClient::new(ch.clone());
-        for chunk in ids.chunks(args.batch) {
-            warm.get_note_features(pb::GetNoteFeaturesRequest {
-                note_ids: chunk.to_vec(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let notes = Arc::new(notes);
+
+        // Warm-up: every distinct note once, sequentially; their prompt sizes go to the peers.
+        let mut prompt_tokens = Vec::new();
+        let mut client = pb::tag_service_client::TagServiceClient::new(ch.clone());
+        for n in notes.iter() {
+            let r = client
+                .tag_note(pb::TagNoteRequest { note: Some(n.clone()), force: true, include_raw_output: false })
+                .await
+                .unwrap()
+                .into_inner();
+            prompt_tokens.push(r.timings.unwrap().prompt_tokens);
         }
-        for layout in [pb::Layout::NoteMajor, pb::Layout::Jagged] {
-            let per_task = args.requests / args.concurrency;
+        dump_prompts(&cfg, &handbook, &notes, &images, &prompt_tokens, &args.out);
+
+        println!("\n| Clients | Notes/s | Generated tok/s | Prompt tok/s | Latency p50 ms | p99 ms | Queue ms (mean) | Prefill ms (mean) | Decode ms (mean) | Gen tok/note | Cached prompt tok/note |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut base_tps = None;
+        for &c in &args.concurrency {
+            let next = Arc::new(AtomicUsize::new(0));
             let t0 = Instant::now();
-            let mut tasks = Vec::new();
-            for w in 0..args.concurrency {
-                let ids = ids.clone();
-                let ch = ch.clone();
-                let batch = args.batch;
-                tasks.push(tokio::spawn(async move {
-                    let mut c = pb::feature_service_client::FeatureServiceClient::new(ch)
-                        .max_decoding_message_size(64 << 20);
-                    let mut rng = Rng(0x1234_5678 + w as u64);
-                    let mut lat = Vec::with_capacity(per_task);
-                    let mut bytes = 0usize;
-                    for _ in 0..per_task {
-                        let req: Vec<String> = (0..batch).map(|_| ids[rng.below(ids.len())].clone()).collect();
-                        let t = Instant::now();
-                        let r = c
-                            .get_note_features(pb::GetNoteFeaturesRequest {
-                                note_ids: req,
-                                groups: vec![],
-                                include_tags: false,
-                                layout: layout as i32,
-                            })
-                            .await
-                            .unwrap()
-                            .into_inner();
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
-                        bytes = prost::Message::encoded_len(&r);
-                    }
-                    (lat, bytes)
-                }));
-            }
-            let mut lat = Vec::new();
-            let mut bytes = 0;
+            let tasks: Vec<_> = (0..c)
+                .map(|_| {
+                    let (ch, notes, next) = (ch.clone(), notes.clone(), next.clone());
+                    let total = args.requests;
+                    tokio::spawn(async move {
+                        let mut client = pb::tag_service_client::TagServiceClient::new(ch)
+                            .max_encoding_message_size(64 << 20);
+                        let mut calls = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= total {
+                                return calls;
+                            }
+                            let t = Instant::now();
+                            let r = client
+                                .tag_note(pb::TagNoteRequest {
+                                    note: Some(notes[i % notes.len()].clone()),
+                                    force: true,
+                                    include_raw_output: false,
+                                })
+                                .await
+                                .unwrap()
+                                .into_inner();
+                            let tm = r.timings.unwrap();
+                            calls.push(Call {
+                                wall_ms: t.elapsed().as_secs_f64() * 1e3,
+                                queue_ms: tm.queue_ms,
+                                prefill_ms: tm.prefill_ms,
+                                decode_ms: tm.decode_ms,
+                                prompt_tokens: tm.prompt_tokens,
+                                cached_prompt_tokens: tm.cached_prompt_tokens,
+                                generated_tokens: tm.generated_tokens,
+                            });
+                        }
+                    })
+                })
+                .collect();
+            let mut calls = Vec::new();
             for t in tasks {
-                let (l, b) = t.await.unwrap();
-                lat.extend(l);
-                bytes = b;
+                calls.extend(t.await.unwrap());
             }
             let wall = t0.elapsed().as_secs_f64();
+            let mut lat: Vec<f64> = calls.iter().map(|c| c.wall_ms).collect();
             lat.sort_by(f64::total_cmp);
+            let n = calls.len() as f64;
+            let gen: u64 = calls.iter().map(|c| c.generated_tokens as u64).sum();
+            let prompt: u64 = calls.iter().map(|c| c.prompt_tokens as u64).sum();
+            let mean = |f: fn(&Call) -> f64| calls.iter().map(f).sum::<f64>() / n;
+            let tps = gen as f64 / wall;
+            let base = *base_tps.get_or_insert(tps);
             println!(
-                "\nGetNoteFeatures {layout:?}: {} calls x {} ids, concurrency {}, response {} KB: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} calls/s, {:.0} notes/s",
-                lat.len(),
-                args.batch,
-                args.concurrency,
-                bytes / 1024,
+                "| {c} | {:.3} | {:.1} ({:.2}x) | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |",
+                n / wall,
+                tps,
+                tps / base,
+                prompt as f64 / wall,
                 percentile(&lat, 0.5),
-                percentile(&lat, 0.9),
                 percentile(&lat, 0.99),
-                lat[lat.len() - 1],
-                lat.len() as f64 / wall,
-                (lat.len() * args.batch) as f64 / wall
+                mean(|c| c.queue_ms),
+                mean(|c| c.prefill_ms),
+                mean(|c| c.decode_ms),
+                gen as f64 / n,
+                mean(|c| c.cached_prompt_tokens as f64),
             );
+            let unix = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+            };
+            let end = std::time::SystemTime::now();
+            let doc = serde_json::json!({
+                "concurrency": c, "requests": calls.len(), "wall_s": wall,
+                "t_start_unix": unix(end) - wall, "t_end_unix": unix(end),
+                "notes_per_s": n / wall, "generated_tok_s": tps, "prompt_tok_s": prompt as f64 / wall,
+                "latency_ms": {"p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "max": lat[lat.len() - 1]},
+                "mean_ms": {"queue": mean(|c| c.queue_ms), "prefill": mean(|c| c.prefill_ms), "decode": mean(|c| c.decode_ms)},
+                "generated_tokens": gen, "prompt_tokens": prompt,
+            });
+            std::fs::write(args.out.join(format!("load-{c}.json")), doc.to_string()).unwrap();
         }
         let _ = stop_tx.send(());
         server.await.unwrap().unwrap();

@@ -197,6 +197,11 @@ pub struct ModelConfig {
     /// Prompt tokens prefilled in one engine step when several notes join at once (a note longer
     /// than this still runs, alone).
     pub max_batch_tokens: usize,
+    /// Model states kept after prompt prefixes that notes share (a category's system turn with
+    /// its handbook guidance), so the next note of the category prefills only itself
+    /// (llama-family GGUF models; 0 disables). Each entry holds its prefix's KV cache: ~46 KB per
+    /// token on the default model, ~32 MB for a ~700-token guidance.
+    pub prefix_cache_entries: usize,
     /// Weight format in memory.
     pub requantize: Requantize,
     /// `constrained` (default) or `unconstrained`.
@@ -327,6 +332,7 @@ impl Default for ModelConfig {
             image_max_pixels: 200_704,
             max_batch: 8,
             max_batch_tokens: 4096,
+            prefix_cache_entries: 8,
             requantize: Requantize::Q8_0,
             decoding: Decoding::Constrained,
             max_new_tokens: 96,

@@ -6,7 +6,8 @@
 //!   until the last byte: a stream's whole life), `grpc_requests_in_flight{service,method}`.
 //! - `engine_queue_depth`, `engine_queue_capacity`, `engine_batch_size` (histogram),
 //!   `engine_jobs_total{outcome}`, `engine_queue_wait_seconds`, `engine_prefill_seconds`,
-//!   `engine_decode_seconds`, `prompt_tokens_total`, `generated_tokens_total`,
+//!   `engine_decode_seconds`, `prompt_tokens_total`, `prompt_tokens_cached_total`,
+//!   `generated_tokens_total`,
 //!   `prefill_tokens_per_second`, `decode_tokens_per_second` (histograms, per job).
 //! - `notes_tagged_total{result=generated|reused}`, `tags_dropped_total`.
 //! - `cache_lookups_total{result=hit|miss}`, `cache_entries`.
@@ -377,16 +378,18 @@ pub fn record_generation(
     prefill_ms: f64,
     decode_ms: f64,
     prompt_tokens: usize,
+    cached_prompt_tokens: usize,
     generated_tokens: usize,
 ) {
     metrics::histogram!("tagllm_engine_queue_wait_seconds").record(queue.as_secs_f64());
     metrics::histogram!("tagllm_engine_prefill_seconds").record(prefill_ms / 1e3);
     metrics::histogram!("tagllm_engine_decode_seconds").record(decode_ms / 1e3);
     metrics::counter!("tagllm_prompt_tokens_total").increment(prompt_tokens as u64);
+    metrics::counter!("tagllm_prompt_tokens_cached_total").increment(cached_prompt_tokens as u64);
     metrics::counter!("tagllm_generated_tokens_total").increment(generated_tokens as u64);
     if prefill_ms > 0.0 {
         metrics::histogram!("tagllm_prefill_tokens_per_second")
-            .record(prompt_tokens as f64 / (prefill_ms / 1e3));
+            .record(prompt_tokens.saturating_sub(cached_prompt_tokens) as f64 / (prefill_ms / 1e3));
     }
     if decode_ms > 0.0 && generated_tokens > 0 {
         metrics::histogram!("tagllm_decode_tokens_per_second")

@@ -31,6 +31,8 @@ pub fn messages(note: &Note, category: &Category, limits: &Limits, images: usize
     );
     let mut user = category.guidance();
     user.push_str("\nNote:\n");
+    // Every note of the category shares everything up to here: the prefix cache reuses it.
+    let shared = user.len();
     if !note.title.is_empty() {
         user.push_str(&format!("Title: {}\n", note.title));
     }
@@ -39,7 +41,7 @@ pub fn messages(note: &Note, category: &Category, limits: &Limits, images: usize
     }
     vec![
         Message::new("system", system),
-        Message::with_images("user", user, images),
+        Message::with_images("user", user, images).with_shared_head(shared),
     ]
 }
 

@@ -5,7 +5,12 @@
 //! B-tree whose commits are durable (fsync'd) before `commit` returns, so an acknowledged TagNote
 //! survives a crash at any point. [`NoteCache`] keeps notes with their features ready to serve.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, OnceLock},
+};
+
+use bytes::Bytes;
 
 use moka::sync::Cache;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -247,6 +252,9 @@ pub struct CachedNote {
     pub record: StoredNote,
     /// Its features under the current schema (same order as `schema.groups`).
     pub features: Features,
+    /// The gRPC layer's encoding of the note's most-read form (`NoteFeatures` with every group
+    /// and no tags), made on the first read that asks for it and kept with the entry.
+    pub wire: OnceLock<Bytes>,
 }
 
 /// The read path: moka cache in front of the store; computes features once per note.
@@ -285,7 +293,11 @@ impl NoteCache {
 
     fn entry(&self, record: StoredNote) -> Arc<CachedNote> {
         let features = self.schema.features(&record.tags);
-        Arc::new(CachedNote { record, features })
+        Arc::new(CachedNote {
+            record,
+            features,
+            wire: OnceLock::new(),
+        })
     }
 
     /// Cached notes only (never touches the store): cheap enough for an async thread.

@@ -35,6 +35,8 @@ pub struct Timings {
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub generated_tokens: u32,
+    /// Prompt tokens reused from the prefix cache.
+    pub cached_prompt_tokens: u32,
     /// Grammar compile time (0 when cached or unconstrained).
     pub grammar_compile_ms: f64,
     /// Mean time to compute a token mask (µs; 0 unconstrained).
@@ -237,6 +239,7 @@ impl Tagger {
                 total_ms: 0.0,
                 prompt_tokens: g.prompt_tokens as u32,
                 generated_tokens: g.generated_tokens as u32,
+                cached_prompt_tokens: g.cached_prompt_tokens as u32,
                 grammar_compile_ms: g.grammar_compile_ms,
                 mask_us: g.mask_us,
             },

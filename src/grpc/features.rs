@@ -2,6 +2,8 @@
 
 use std::{pin::Pin, sync::Arc};
 
+use bytes::Bytes;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
@@ -85,25 +87,40 @@ impl FeatureApi {
             .map_err(Error::internal)?;
         }
         Ok(match layout {
-            pb::Layout::NoteMajor => pb::GetNoteFeaturesResponse {
-                notes: req
-                    .note_ids
-                    .iter()
-                    .zip(&found)
-                    .map(|(id, f)| match f {
-                        Some(e) => note_features_to_proto(e, &schema, &groups, req.include_tags),
-                        None => pb::NoteFeatures {
-                            note_id: id.clone(),
-                            found: false,
-                            ..Default::default()
-                        },
-                    })
-                    .collect(),
-                jagged: None,
-            },
+            pb::Layout::NoteMajor => {
+                // The common form (every group, no tags) is encoded once per cached note; any
+                // other form is encoded for this call.
+                let mut named = vec![false; schema.groups.len()];
+                groups.iter().for_each(|&g| named[g] = true);
+                let common = !req.include_tags && named.iter().all(|&n| n);
+                let encode = |e: &CachedNote| -> Bytes {
+                    note_features_to_proto(e, &schema, &groups, req.include_tags)
+                        .encode_to_vec()
+                        .into()
+                };
+                pb::GetNoteFeaturesResponse {
+                    encoded_notes: req
+                        .note_ids
+                        .iter()
+                        .zip(&found)
+                        .map(|(id, f)| match f {
+                            Some(e) if common => e.wire.get_or_init(|| encode(e)).clone(),
+                            Some(e) => encode(e),
+                            None => pb::NoteFeatures {
+                                note_id: id.clone(),
+                                found: false,
+                                ..Default::default()
+                            }
+                            .encode_to_vec()
+                            .into(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }
+            }
             pb::Layout::Jagged => pb::GetNoteFeaturesResponse {
-                notes: Vec::new(),
                 jagged: Some(jagged(&req.note_ids, &found, &schema, &groups)),
+                ..Default::default()
             },
         })
     }

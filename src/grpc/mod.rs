@@ -4,6 +4,7 @@
 mod features;
 mod size_status;
 mod tagging;
+mod wire;
 
 pub use features::{FeatureApi, ModelVersion};
 pub use size_status::SizeStatusLayer;
@@ -21,6 +22,7 @@ use crate::{
 pub mod pb {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("tagllm.v1");
+    pub use super::wire::GetNoteFeaturesResponse;
     /// Encoded descriptor set of `tagllm.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tagllm_descriptor.bin"));

@@ -68,6 +68,7 @@ impl TagApi {
                 total_ms: out.timings.total_ms,
                 prompt_tokens: out.timings.prompt_tokens,
                 generated_tokens: out.timings.generated_tokens,
+                cached_prompt_tokens: out.timings.cached_prompt_tokens,
             }),
             error: None,
             warnings: out.warnings,

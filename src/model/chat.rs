@@ -15,6 +15,9 @@ pub struct Message {
     /// content as a list, `[{"type": "image"}, ..., {"type": "text", "text": content}]`, the shape
     /// Hugging Face chat templates of vision-language models expect.
     pub images: usize,
+    /// Leading bytes of `content` that other prompts share (the handbook guidance before the
+    /// note), for the prefix cache; not rendered differently. 0 for none.
+    pub shared_head: usize,
 }
 
 impl Message {
@@ -24,6 +27,7 @@ impl Message {
             role: role.to_string(),
             content: content.into(),
             images: 0,
+            shared_head: 0,
         }
     }
 
@@ -33,6 +37,17 @@ impl Message {
             images,
             ..Message::new(role, content)
         }
+    }
+
+    /// This message with its first `bytes` bytes of content marked as shared with other prompts
+    /// (cut to a character boundary within the content).
+    pub fn with_shared_head(mut self, bytes: usize) -> Message {
+        let mut n = bytes.min(self.content.len());
+        while !self.content.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.shared_head = n;
+        self
     }
 }
 

@@ -14,8 +14,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    chat::Message, qwen3vl::image_proc::ProcessedImage, GenParams, Generation, LoadOptions,
-    ModelError, ModelInfo, Sequence, TextModel,
+    chat::Message, qwen3vl::image_proc::ProcessedImage, EncodedPrompt, GenParams, Generation,
+    LoadOptions, ModelError, ModelInfo, Sequence, TextModel,
 };
 use crate::config::Requantize;
 
@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Prompt tokens prefilled in one step (at least one prompt is always admitted).
     pub max_batch_tokens: usize,
+    /// States after shared prompt prefixes kept (llama-family GGUF models; 0 disables).
+    pub prefix_cache_entries: usize,
     /// Waiting jobs before `try_submit` refuses.
     pub queue_capacity: usize,
     /// Prompt + generation limit.
@@ -252,6 +254,7 @@ fn run(
         dtype: cfg.dtype,
         image_max_pixels: cfg.image_max_pixels,
         max_batch: cfg.max_batch,
+        prefix_cache: cfg.prefix_cache_entries,
     };
     let mut model = match TextModel::load_with(&cfg.model_path, &opts) {
         Ok(m) => m,
@@ -271,6 +274,7 @@ fn run(
                 assistant_prefix: String::new(),
                 stop_at_json_end: false,
                 grammar: None,
+                shared_prefix: 0,
             };
             if model.qwen3vl().is_some() {
                 // Through the batch path (slot 0), the one the engine serves with: no second
@@ -315,15 +319,12 @@ fn params_for(job: &Job, cfg: &EngineConfig) -> GenParams {
         assistant_prefix: job.assistant_prefix.clone(),
         stop_at_json_end: true,
         grammar: job.grammar.clone(),
+        shared_prefix: 0,
     }
 }
 
 /// Encodes a job's prompt, cutting the note to fit the context left after generation and images.
-fn encode(
-    model: &TextModel,
-    job: &Job,
-    cfg: &EngineConfig,
-) -> Result<(Vec<u32>, bool), ModelError> {
+fn encode(model: &TextModel, job: &Job, cfg: &EngineConfig) -> Result<EncodedPrompt, ModelError> {
     let room = cfg
         .context_tokens
         .saturating_sub(job.max_new_tokens)
@@ -356,6 +357,7 @@ fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &EngineStats) {
                 g.prefill_ms,
                 g.decode_ms,
                 g.prompt_tokens,
+                g.cached_prompt_tokens,
                 g.generated_tokens,
             );
             "ok"
@@ -389,14 +391,17 @@ fn run_sequential(
         stats.running.store(1, Ordering::Relaxed);
         stats.peak_batch.fetch_max(1, Ordering::Relaxed);
         let queue = job.enqueued.elapsed();
-        let result = encode(model, &job, cfg).and_then(|(prompt, truncated)| {
-            let params = params_for(&job, cfg);
+        let result = encode(model, &job, cfg).and_then(|prompt| {
+            let params = GenParams {
+                shared_prefix: prompt.shared_prefix,
+                ..params_for(&job, cfg)
+            };
             model
-                .generate_with_images(&prompt, &job.images, &params, &|| job.reply.is_closed())
+                .generate_with_images(&prompt.ids, &job.images, &params, &|| job.reply.is_closed())
                 .map(|generation| JobOutput {
                     generation,
                     queue,
-                    truncated,
+                    truncated: prompt.truncated,
                 })
         });
         reply(job, result, stats);
@@ -471,11 +476,11 @@ fn run_batched(
                     }
                     let queue = job.enqueued.elapsed();
                     match encode(model, &job, cfg) {
-                        Ok((prompt, truncated)) => Admitted {
-                            cost: prompt.len() + model.extra_image_tokens(&job.images),
+                        Ok(p) => Admitted {
+                            cost: p.ids.len() + model.extra_image_tokens(&job.images),
                             job,
-                            prompt,
-                            truncated,
+                            prompt: p.ids,
+                            truncated: p.truncated,
                             queue,
                         },
                         Err(e) => {

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod constrain;
 pub mod engine;
+pub mod prefix;
 pub mod qwen3vl;
 pub mod tokenizer;
 
@@ -126,6 +127,16 @@ impl Weights {
         })
     }
 
+    /// A copy of a llama-family GGUF model's state: weights are shared, the KV cache is copied by
+    /// reference (candle-transformers appends by building new tensors, so the copy never changes).
+    fn snapshot(&self) -> Option<Weights> {
+        match self {
+            Weights::Llama(m) => Some(Weights::Llama(m.clone())),
+            // candle-transformers' quantized Qwen2 is not Clone.
+            Weights::Qwen2(_) | Weights::Vl(_) => None,
+        }
+    }
+
     /// Logits of the last position; `pos == 0` starts a new sequence (the KV cache is reset).
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
@@ -152,6 +163,8 @@ pub struct LoadOptions {
     /// Sequences decoded together (models that batch: Qwen3-VL); each has its own KV cache of
     /// `context_tokens` positions, allocated on first use.
     pub max_batch: usize,
+    /// Model states after shared prompt prefixes kept for reuse (GGUF models; 0 disables).
+    pub prefix_cache: usize,
 }
 
 impl LoadOptions {
@@ -164,6 +177,7 @@ impl LoadOptions {
             dtype: None,
             image_max_pixels: 200_704,
             max_batch: 1,
+            prefix_cache: 8,
         }
     }
 }
@@ -222,6 +236,10 @@ pub struct TextModel {
     template: ChatTemplate,
     constrainer: constrain::Constrainer,
     device: Device,
+    /// States after shared prompt prefixes (GGUF models).
+    prefixes: prefix::PrefixCache<Weights>,
+    /// Prompt tokens the last [`TextModel::prefill`] took from the prefix cache.
+    last_cached: usize,
     /// What it is.
     pub info: ModelInfo,
 }
@@ -235,6 +253,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub generated_tokens: usize,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    pub cached_prompt_tokens: usize,
     /// Prefill wall time.
     pub prefill_ms: f64,
     /// Decode wall time.
@@ -261,6 +281,22 @@ pub struct GenParams {
     pub stop_at_json_end: bool,
     /// Lark grammar the output must follow ([`crate::grammar`]); `None` decodes freely.
     pub grammar: Option<Arc<str>>,
+    /// Leading prompt tokens that other prompts share ([`EncodedPrompt::shared_prefix`]); 0 for
+    /// none. See [`prefix`].
+    pub shared_prefix: usize,
+}
+
+/// A chat prompt's token ids, from [`TextModel::encode_chat_within`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    /// The ids.
+    pub ids: Vec<u32>,
+    /// Whether the last message was cut to fit.
+    pub truncated: bool,
+    /// Ids before the last message's content (the template's turns before it and its opening),
+    /// plus those of the content's shared head ([`Message::shared_head`], the handbook guidance):
+    /// the part that prompts of the same category share.
+    pub shared_prefix: usize,
 }
 
 fn load_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
@@ -375,6 +411,11 @@ impl TextModel {
         let vocab_size = tokenizer.get_vocab_size(true);
         let constrainer = constrain::Constrainer::new(&tokenizer, &special.stop)
             .map_err(|e| load_err(path, e))?;
+        let prefix_cache = if matches!(weights, Weights::Llama(_)) {
+            opts.prefix_cache
+        } else {
+            0
+        };
         Ok(TextModel {
             weights,
             text_tokenizer: text_tokenizer(&tokenizer),
@@ -382,6 +423,8 @@ impl TextModel {
             special,
             template,
             constrainer,
+            prefixes: prefix::PrefixCache::new(prefix_cache),
+            last_cached: 0,
             info: ModelInfo {
                 version: format!("{stem}@{}:{format}", &digest[..12]),
                 name,
@@ -463,6 +506,9 @@ impl TextModel {
             template,
             constrainer,
             device: device.clone(),
+            // Qwen3-VL keeps per-slot caches; its prefix reuse is not built yet.
+            prefixes: prefix::PrefixCache::new(0),
+            last_cached: 0,
             info: ModelInfo {
                 // The pixel cap shapes what the model sees: a different cap is a different version.
                 version: format!("{stem}@{}:{format}:px{}", &digest[..12], proc.max_pixels),
@@ -517,6 +563,16 @@ impl TextModel {
         messages: &[Message],
         assistant_prefix: &str,
     ) -> Result<Vec<u32>, ModelError> {
+        Ok(self.encode_chat_parts(messages, assistant_prefix)?.0)
+    }
+
+    /// [`TextModel::encode_chat`], also returning the shared prefix's length
+    /// ([`EncodedPrompt::shared_prefix`]).
+    fn encode_chat_parts(
+        &self,
+        messages: &[Message],
+        assistant_prefix: &str,
+    ) -> Result<(Vec<u32>, usize), ModelError> {
         // Render with a placeholder per content, then tokenize the template's pieces with special
         // tokens and each content as text. Private-use characters never occur in a template.
         let placeholder = |i: usize| format!("\u{F8F0}{i}\u{F8F1}");
@@ -533,6 +589,7 @@ impl TextModel {
         }
         let mut rest = text.as_str();
         let mut used = 0;
+        let mut shared = 0;
         while let Some(start) = rest.find('\u{F8F0}') {
             let end = rest[start..]
                 .find('\u{F8F1}')
@@ -541,12 +598,26 @@ impl TextModel {
             let i: usize = rest[start + '\u{F8F0}'.len_utf8()..end]
                 .parse()
                 .map_err(|_| rt("chat template mangled a message placeholder"))?;
-            let content = &messages
+            let message = messages
                 .get(i)
-                .ok_or_else(|| rt("chat template invented a message"))?
-                .content;
+                .ok_or_else(|| rt("chat template invented a message"))?;
             self.encode_into(&self.tokenizer, &rest[..start], &mut ids)?;
-            self.encode_into(&self.text_tokenizer, content, &mut ids)?;
+            let content_start = ids.len();
+            self.encode_into(&self.text_tokenizer, &message.content, &mut ids)?;
+            if i + 1 == messages.len() {
+                shared = content_start;
+                // The content's shared head counts only where it tokenizes on its own exactly
+                // as it does inside the content (a merge across the boundary would differ).
+                // (A cut to fit the context may have shortened the content below its head.)
+                let head = message.content.get(..message.shared_head).unwrap_or("");
+                if !head.is_empty() {
+                    let mut head_ids = Vec::new();
+                    self.encode_into(&self.text_tokenizer, head, &mut head_ids)?;
+                    if ids[content_start..].starts_with(&head_ids) {
+                        shared += head_ids.len();
+                    }
+                }
+            }
             used += 1;
             rest = &rest[end + '\u{F8F1}'.len_utf8()..];
         }
@@ -557,7 +628,7 @@ impl TextModel {
                 messages.len()
             )));
         }
-        Ok(ids)
+        Ok((ids, shared))
     }
 
     fn encode_into(
@@ -580,10 +651,14 @@ impl TextModel {
         messages: &[Message],
         assistant_prefix: &str,
         max_tokens: usize,
-    ) -> Result<(Vec<u32>, bool), ModelError> {
-        let ids = self.encode_chat(messages, assistant_prefix)?;
+    ) -> Result<EncodedPrompt, ModelError> {
+        let (ids, shared_prefix) = self.encode_chat_parts(messages, assistant_prefix)?;
         if ids.len() <= max_tokens {
-            return Ok((ids, false));
+            return Ok(EncodedPrompt {
+                ids,
+                truncated: false,
+                shared_prefix,
+            });
         }
         let mut msgs = messages.to_vec();
         let Some(last) = msgs.len().checked_sub(1) else {
@@ -613,9 +688,13 @@ impl TextModel {
                 cut.pop();
             }
             msgs[last].content = cut;
-            let ids = self.encode_chat(&msgs, assistant_prefix)?;
+            let (ids, shared_prefix) = self.encode_chat_parts(&msgs, assistant_prefix)?;
             if ids.len() <= max_tokens {
-                return Ok((ids, true));
+                return Ok(EncodedPrompt {
+                    ids,
+                    truncated: true,
+                    shared_prefix,
+                });
             }
             excess += ids.len() - max_tokens;
         }
@@ -657,6 +736,18 @@ impl TextModel {
         prompt: &[u32],
         images: &[ProcessedImage],
     ) -> Result<(Vec<f32>, usize), ModelError> {
+        self.prefill_shared(prompt, images, 0)
+    }
+
+    /// [`TextModel::prefill`] of a prompt whose first `shared_prefix` tokens other prompts share
+    /// ([`EncodedPrompt::shared_prefix`]): GGUF models compute them as a chunk of their own and
+    /// keep the state after them in the prefix cache, or start from the cached state.
+    pub fn prefill_shared(
+        &mut self,
+        prompt: &[u32],
+        images: &[ProcessedImage],
+        shared_prefix: usize,
+    ) -> Result<(Vec<f32>, usize), ModelError> {
         if matches!(self.weights, Weights::Vl(_)) {
             return self
                 .prefill_batch(&[(prompt, images, 0)])?
@@ -666,7 +757,35 @@ impl TextModel {
         if !images.is_empty() {
             return Err(rt("this model reads no images"));
         }
-        Ok((self.forward(prompt, 0)?, prompt.len()))
+        // Shared prefixes are always computed as their own chunk, so a restored state is the
+        // same bits a fresh computation gives (see `prefix`).
+        self.last_cached = 0;
+        let mut pos = 0;
+        if shared_prefix >= prefix::PrefixCache::<Weights>::MIN_TOKENS
+            && shared_prefix < prompt.len()
+        {
+            let shared = &prompt[..shared_prefix];
+            match self.prefixes.get(shared).and_then(Weights::snapshot) {
+                Some(state) => {
+                    self.weights = state;
+                    self.last_cached = shared_prefix;
+                }
+                None => {
+                    self.forward(shared, 0)?;
+                    if let Some(state) = self.weights.snapshot() {
+                        self.prefixes.insert(shared, state);
+                    }
+                }
+            }
+            pos = shared_prefix;
+        }
+        Ok((self.forward(&prompt[pos..], pos)?, prompt.len()))
+    }
+
+    /// Prompt tokens the last single-sequence prefill took from the prefix cache, and the total
+    /// since load.
+    pub fn prefix_cache_hits(&self) -> (usize, u64) {
+        (self.last_cached, self.prefixes.hit_tokens)
     }
 
     /// Greedy generation from `prompt`, stopping on a stop token, `max_new_tokens`, a complete
@@ -700,9 +819,10 @@ impl TextModel {
             return Err(rt("empty prompt"));
         }
         let t0 = Instant::now();
-        let (mut logits, prompt_len) = self.prefill(prompt, images)?;
+        let (mut logits, prompt_len) = self.prefill_shared(prompt, images, params.shared_prefix)?;
         let mut seq = self.start_sequence(params, prompt_len)?;
         seq.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        seq.cached_prompt_tokens = self.last_cached;
         loop {
             if cancelled() {
                 return Err(ModelError::Cancelled);
@@ -738,6 +858,7 @@ impl TextModel {
             constraint,
             grammar_compile_ms,
             prefill_ms: 0.0,
+            cached_prompt_tokens: 0,
             decode_start: Instant::now(),
         })
     }
@@ -793,6 +914,7 @@ impl TextModel {
             text,
             prompt_tokens: seq.prompt_tokens,
             generated_tokens: seq.out.len(),
+            cached_prompt_tokens: seq.cached_prompt_tokens,
             prefill_ms: seq.prefill_ms,
             decode_ms: seq.decode_start.elapsed().as_secs_f64() * 1e3,
             values: seq.tracker.values().to_vec(),
@@ -878,6 +1000,8 @@ pub struct Sequence {
     grammar_compile_ms: f64,
     /// Prefill wall time (set by whoever ran the prefill).
     pub prefill_ms: f64,
+    /// Prompt tokens taken from the prefix cache (set by whoever ran the prefill).
+    pub cached_prompt_tokens: usize,
     decode_start: Instant,
 }
 

@@ -117,8 +117,19 @@ fn long_notes_are_cut_to_fit() {
     ];
     let full = model.encode_chat(&msgs, "{\"").unwrap();
     assert!(full.len() > 1000);
-    let (ids, cut) = model.encode_chat_within(&msgs, "{\"", 300).unwrap();
-    assert!(cut);
+    let enc = model.encode_chat_within(&msgs, "{\"", 300).unwrap();
+    let ids = enc.ids;
+    assert!(enc.truncated);
+    // The shared prefix (system turn, user turn's opening) is untouched by the cut.
+    assert_eq!(ids[..enc.shared_prefix], full[..enc.shared_prefix]);
+    let opening = model
+        .tokenizer()
+        .decode(&ids[..enc.shared_prefix], false)
+        .unwrap();
+    assert!(
+        opening.ends_with("<|im_start|>user\n") && opening.contains("Tag the note."),
+        "{opening:?}"
+    );
     assert!(ids.len() <= 300 && ids.len() > 250, "{}", ids.len());
     assert_eq!(ids[..20], full[..20]);
     // The assistant prefix is still at the end.
@@ -127,8 +138,8 @@ fn long_notes_are_cut_to_fit() {
         .decode(&ids[ids.len() - 8..], false)
         .unwrap();
     assert!(tail.ends_with("assistant\n{\""), "{tail:?}");
-    let (short, cut) = model.encode_chat_within(&msgs[..1], "", 300).unwrap();
-    assert!(!cut && short.len() < 300);
+    let short = model.encode_chat_within(&msgs[..1], "", 300).unwrap();
+    assert!(!short.truncated && short.ids.len() < 300);
 }
 
 /// Note text is tokenized as text: chat-control strings inside a note stay plain text, so a note
@@ -180,5 +191,82 @@ fn note_text_cannot_inject_control_tokens() {
         );
         let want = tok.encode(whole, false).unwrap().get_ids().to_vec();
         assert_eq!(ours, want, "{}", v["note_id"]);
+    }
+}
+
+/// The prefix cache changes no output. Three notes of one category share the system turn (the
+/// handbook guidance): the first computes it and stores the state after it, the others resume
+/// from that state, and all three give bit-identical logits and the same tokens as a model with
+/// no cache (which still computes the shared prefix as its own chunk; see `model::prefix`).
+#[test]
+fn prefix_cache_gives_the_same_tokens() {
+    use tagllm::{
+        config::Limits,
+        domain::RawNote,
+        handbook::Handbook,
+        model::{GenParams, LoadOptions},
+        prompt,
+    };
+    let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
+    let limits = Limits::default();
+    let load = |entries| {
+        let opts = LoadOptions {
+            prefix_cache: entries,
+            ..LoadOptions::cpu(Requantize::Q8_0)
+        };
+        TextModel::load_with(&model_path(), &opts).unwrap()
+    };
+    let (mut cached, mut plain) = (load(8), load(0));
+    let bodies = [
+        "Bought these for daily runs, the foam is soft and the upper breathes well.",
+        "这双鞋颜值很高，搭配牛仔裤很好看，就是有点偏码。",
+        "Retro colorway, suede upper, wore them to a concert and got compliments.",
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let note = RawNote {
+            note_id: format!("n{i}"),
+            category: "sneakers".into(),
+            title: format!("Sneaker note {i}"),
+            body: body.to_string(),
+            ..Default::default()
+        }
+        .validate(&limits)
+        .unwrap();
+        let cat = handbook.resolve(&note.category);
+        let prefix = prompt::assistant_prefix(cat);
+        let enc = cached
+            .encode_chat_within(&prompt::messages(&note, cat, &limits, 0), &prefix, 4000)
+            .unwrap();
+        let (ids, shared) = (enc.ids, enc.shared_prefix);
+        assert!(
+            shared > 500 && shared < ids.len(),
+            "{shared} of {}",
+            ids.len()
+        );
+        let (a, _) = cached.prefill_shared(&ids, &[], shared).unwrap();
+        let (hit, _) = cached.prefix_cache_hits();
+        let (b, _) = plain.prefill_shared(&ids, &[], shared).unwrap();
+        assert_eq!(a, b, "note {i}: logits differ");
+        assert_eq!(hit, if i == 0 { 0 } else { shared }, "note {i}");
+        let params = GenParams {
+            max_new_tokens: 24,
+            context_tokens: 4096,
+            assistant_prefix: prefix.clone(),
+            stop_at_json_end: false,
+            grammar: None,
+            shared_prefix: shared,
+        };
+        let x = cached.generate(&ids, &params, &|| false).unwrap();
+        let y = plain.generate(&ids, &params, &|| false).unwrap();
+        assert_eq!(x.text, y.text, "note {i}");
+        assert_eq!(
+            (x.cached_prompt_tokens, y.cached_prompt_tokens),
+            (shared, 0)
+        );
+        eprintln!(
+            "note {i}: {} prompt tokens, {shared} shared: {:?}",
+            ids.len(),
+            x.text
+        );
     }
 }

@@ -607,6 +607,7 @@ mod engine {
             image_max_pixels: 65_536,
             max_batch,
             max_batch_tokens: 4096,
+            prefix_cache_entries: 0,
             queue_capacity: 16,
             context_tokens: 4096,
         })
@@ -674,6 +675,7 @@ mod engine {
             assistant_prefix: String::new(),
             stop_at_json_end: true,
             grammar: None,
+            shared_prefix: 0,
         };
         let mut want = Vec::new();
         for (text, images) in &cases {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tagllm/v1/tagllm.proto\x12\ttagllm.v1\"\x7f\n\x04Note\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12 \n\x06images\x18\x05 \x03(\x0b\x32\x10.tagllm.v1.Image\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"6\n\x03Tag\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"-\n\rSparseFeature\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0f\n\x07weights\x18\x02 \x03(\x02\";\n\x08Versions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08handbook\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\"\x99\x02\n\x0cNoteFeatures\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x33\n\x06groups\x18\x03 \x03(\x0b\x32#.tagllm.v1.NoteFeatures.GroupsEntry\x12\x1c\n\x04tags\x18\x04 \x03(\x0b\x32\x0e.tagllm.v1.Tag\x12\x14\n\x0ctagged_at_ms\x18\x05 \x01(\x03\x12%\n\x08versions\x18\x06 \x01(\x0b\x32\x13.tagllm.v1.Versions\x12\x10\n\x08\x63\x61tegory\x18\x07 \x01(\t\x1aG\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.tagllm.v1.SparseFeature:\x02\x38\x01\"Z\n\x0eTagNoteRequest\x12\x1d\n\x04note\x18\x01 \x01(\x0b\x32\x0f.tagllm.v1.Note\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x1a\n\x12include_raw_output\x18\x03 \x01(\x08\"\x85\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\"*\n\tNoteError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x96\x02\n\x0fTagNoteResponse\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\x1c\n\x04tags\x18\x02 \x03(\x0b\x32\x0e.tagllm.v1.Tag\x12)\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x17.tagllm.v1.NoteFeatures\x12\x0e\n\x06reused\x18\x04 \x01(\x08\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tagllm.v1.Timings\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.tagllm.v1.NoteError\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x13\n\x0bimages_used\x18\t \x01(\r\x12\x14\n\x0c\x64ropped_tags\x18\n \x01(\r\"s\n\x16GetNoteFeaturesRequest\x12\x10\n\x08note_ids\x18\x01 \x03(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x14\n\x0cinclude_tags\x18\x03 \x01(\x08\x12!\n\x06layout\x18\x04 \x01(\x0e\x32\x11.tagllm.v1.Layout\"M\n\x0bJaggedGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x03\x12\x0f\n\x07weights\x18\x04 \x03(\x02\"Y\n\x0eJaggedFeatures\x12\x10\n\x08note_ids\x18\x01 \x03(\t\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.tagllm.v1.JaggedGroup\"l\n\x17GetNoteFeaturesResponse\x12&\n\x05notes\x18\x01 \x03(\x0b\x32\x17.tagllm.v1.NoteFeatures\x12)\n\x06jagged\x18\x02 \x01(\x0b\x32\x19.tagllm.v1.JaggedFeatures\"y\n\x17ScanNoteFeaturesRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x17\n\x0ftagged_since_ms\x18\x02 \x01(\x03\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12\x14\n\x0cinclude_tags\x18\x04 \x01(\x08\x12\r\n\x05limit\x18\x05 \x01(\x04\"\x19\n\x17GetFeatureSchemaRequest\"\xce\x01\n\x12\x46\x65\x61tureGroupSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x03(\t\x12\"\n\x07id_kind\x18\x03 \x01(\x0e\x32\x11.tagllm.v1.IdKind\x12\x12\n\nvocab_size\x18\x04 \x01(\x04\x12\x13\n\x0boov_buckets\x18\x05 \x01(\x04\x12\x14\n\x0chash_buckets\x18\x06 \x01(\x04\x12\x10\n\x08id_space\x18\x07 \x01(\x04\x12\x0e\n\x06weight\x18\x08 \x01(\t\x12\x11\n\thash_seed\x18\t \x01(\x04\"\x9f\x01\n\x18GetFeatureSchemaResponse\x12-\n\x06groups\x18\x01 \x03(\x0b\x32\x1d.tagllm.v1.FeatureGroupSchema\x12%\n\x08versions\x18\x02 \x01(\x0b\x32\x13.tagllm.v1.Versions\x12-\n\ncategories\x18\x03 \x03(\x0b\x32\x19.tagllm.v1.CategorySchema\"1\n\x0e\x43\x61tegorySchema\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x03(\t*2\n\x06Layout\x12\x15\n\x11LAYOUT_NOTE_MAJOR\x10\x00\x12\x11\n\rLAYOUT_JAGGED\x10\x01*F\n\x06IdKind\x12\x17\n\x13ID_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rID_KIND_VOCAB\x10\x01\x12\x10\n\x0cID_KIND_HASH\x10\x02\x32\x95\x01\n\nTagService\x12@\n\x07TagNote\x12\x19.tagllm.v1.TagNoteRequest\x1a\x1a.tagllm.v1.TagNoteResponse\x12\x45\n\x08TagNotes\x12\x19.tagllm.v1.TagNoteRequest\x1a\x1a.tagllm.v1.TagNoteResponse(\x01\x30\x01\x32\x9a\x02\n\x0e\x46\x65\x61tureService\x12X\n\x0fGetNoteFeatures\x12!.tagllm.v1.GetNoteFeaturesRequest\x1a\".tagllm.v1.GetNoteFeaturesResponse\x12Q\n\x10ScanNoteFeatures\x12\".tagllm.v1.ScanNoteFeaturesRequest\x1a\x17.tagllm.v1.NoteFeatures0\x01\x12[\n\x10GetFeatureSchema\x12\".tagllm.v1.GetFeatureSchemaRequest\x1a#.tagllm.v1.GetFeatureSchemaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tagllm/v1/tagllm.proto\x12\ttagllm.v1\"\x7f\n\x04Note\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12 \n\x06images\x18\x05 \x03(\x0b\x32\x10.tagllm.v1.Image\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"6\n\x03Tag\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"-\n\rSparseFeature\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0f\n\x07weights\x18\x02 \x03(\x02\";\n\x08Versions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08handbook\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\"\x99\x02\n\x0cNoteFeatures\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x33\n\x06groups\x18\x03 \x03(\x0b\x32#.tagllm.v1.NoteFeatures.GroupsEntry\x12\x1c\n\x04tags\x18\x04 \x03(\x0b\x32\x0e.tagllm.v1.Tag\x12\x14\n\x0ctagged_at_ms\x18\x05 \x01(\x03\x12%\n\x08versions\x18\x06 \x01(\x0b\x32\x13.tagllm.v1.Versions\x12\x10\n\x08\x63\x61tegory\x18\x07 \x01(\t\x1aG\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.tagllm.v1.SparseFeature:\x02\x38\x01\"Z\n\x0eTagNoteRequest\x12\x1d\n\x04note\x18\x01 \x01(\x0b\x32\x0f.tagllm.v1.Note\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x1a\n\x12include_raw_output\x18\x03 \x01(\x08\"\xa3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"*\n\tNoteError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x96\x02\n\x0fTagNoteResponse\x12\x0f\n\x07note_id\x18\x01 \x01(\t\x12\x1c\n\x04tags\x18\x02 \x03(\x0b\x32\x0e.tagllm.v1.Tag\x12)\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x17.tagllm.v1.NoteFeatures\x12\x0e\n\x06reused\x18\x04 \x01(\x08\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tagllm.v1.Timings\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.tagllm.v1.NoteError\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x13\n\x0bimages_used\x18\t \x01(\r\x12\x14\n\x0c\x64ropped_tags\x18\n \x01(\r\"s\n\x16GetNoteFeaturesRequest\x12\x10\n\x08note_ids\x18\x01 \x03(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x14\n\x0cinclude_tags\x18\x03 \x01(\x08\x12!\n\x06layout\x18\x04 \x01(\x0e\x32\x11.tagllm.v1.Layout\"M\n\x0bJaggedGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x03\x12\x0f\n\x07weights\x18\x04 \x03(\x02\"Y\n\x0eJaggedFeatures\x12\x10\n\x08note_ids\x18\x01 \x03(\t\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.tagllm.v1.JaggedGroup\"l\n\x17GetNoteFeaturesResponse\x12&\n\x05notes\x18\x01 \x03(\x0b\x32\x17.tagllm.v1.NoteFeatures\x12)\n\x06jagged\x18\x02 \x01(\x0b\x32\x19.tagllm.v1.JaggedFeatures\"y\n\x17ScanNoteFeaturesRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x17\n\x0ftagged_since_ms\x18\x02 \x01(\x03\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12\x14\n\x0cinclude_tags\x18\x04 \x01(\x08\x12\r\n\x05limit\x18\x05 \x01(\x04\"\x19\n\x17GetFeatureSchemaRequest\"\xce\x01\n\x12\x46\x65\x61tureGroupSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x03(\t\x12\"\n\x07id_kind\x18\x03 \x01(\x0e\x32\x11.tagllm.v1.IdKind\x12\x12\n\nvocab_size\x18\x04 \x01(\x04\x12\x13\n\x0boov_buckets\x18\x05 \x01(\x04\x12\x14\n\x0chash_buckets\x18\x06 \x01(\x04\x12\x10\n\x08id_space\x18\x07 \x01(\x04\x12\x0e\n\x06weight\x18\x08 \x01(\t\x12\x11\n\thash_seed\x18\t \x01(\x04\"\x9f\x01\n\x18GetFeatureSchemaResponse\x12-\n\x06groups\x18\x01 \x03(\x0b\x32\x1d.tagllm.v1.FeatureGroupSchema\x12%\n\x08versions\x18\x02 \x01(\x0b\x32\x13.tagllm.v1.Versions\x12-\n\ncategories\x18\x03 \x03(\x0b\x32\x19.tagllm.v1.CategorySchema\"1\n\x0e\x43\x61tegorySchema\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x03(\t*2\n\x06Layout\x12\x15\n\x11LAYOUT_NOTE_MAJOR\x10\x00\x12\x11\n\rLAYOUT_JAGGED\x10\x01*F\n\x06IdKind\x12\x17\n\x13ID_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rID_KIND_VOCAB\x10\x01\x12\x10\n\x0cID_KIND_HASH\x10\x02\x32\x95\x01\n\nTagService\x12@\n\x07TagNote\x12\x19.tagllm.v1.TagNoteRequest\x1a\x1a.tagllm.v1.TagNoteResponse\x12\x45\n\x08TagNotes\x12\x19.tagllm.v1.TagNoteRequest\x1a\x1a.tagllm.v1.TagNoteResponse(\x01\x30\x01\x32\x9a\x02\n\x0e\x46\x65\x61tureService\x12X\n\x0fGetNoteFeatures\x12!.tagllm.v1.GetNoteFeaturesRequest\x1a\".tagllm.v1.GetNoteFeaturesResponse\x12Q\n\x10ScanNoteFeatures\x12\".tagllm.v1.ScanNoteFeaturesRequest\x1a\x17.tagllm.v1.NoteFeatures0\x01\x12[\n\x10GetFeatureSchema\x12\".tagllm.v1.GetFeatureSchemaRequest\x1a#.tagllm.v1.GetFeatureSchemaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTEFEATURES_GROUPSENTRY']._loaded_options = None
   _globals['_NOTEFEATURES_GROUPSENTRY']._serialized_options = b'8\001'
-  _globals['_LAYOUT']._serialized_start=2186
-  _globals['_LAYOUT']._serialized_end=2236
-  _globals['_IDKIND']._serialized_start=2238
-  _globals['_IDKIND']._serialized_end=2308
+  _globals['_LAYOUT']._serialized_start=2216
+  _globals['_LAYOUT']._serialized_end=2266
+  _globals['_IDKIND']._serialized_start=2268
+  _globals['_IDKIND']._serialized_end=2338
   _globals['_NOTE']._serialized_start=37
   _globals['_NOTE']._serialized_end=164
   _globals['_IMAGE']._serialized_start=166
@@ -54,31 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAGNOTEREQUEST']._serialized_start=664
   _globals['_TAGNOTEREQUEST']._serialized_end=754
   _globals['_TIMINGS']._serialized_start=757
-  _globals['_TIMINGS']._serialized_end=890
-  _globals['_NOTEERROR']._serialized_start=892
-  _globals['_NOTEERROR']._serialized_end=934
-  _globals['_TAGNOTERESPONSE']._serialized_start=937
-  _globals['_TAGNOTERESPONSE']._serialized_end=1215
-  _globals['_GETNOTEFEATURESREQUEST']._serialized_start=1217
-  _globals['_GETNOTEFEATURESREQUEST']._serialized_end=1332
-  _globals['_JAGGEDGROUP']._serialized_start=1334
-  _globals['_JAGGEDGROUP']._serialized_end=1411
-  _globals['_JAGGEDFEATURES']._serialized_start=1413
-  _globals['_JAGGEDFEATURES']._serialized_end=1502
-  _globals['_GETNOTEFEATURESRESPONSE']._serialized_start=1504
-  _globals['_GETNOTEFEATURESRESPONSE']._serialized_end=1612
-  _globals['_SCANNOTEFEATURESREQUEST']._serialized_start=1614
-  _globals['_SCANNOTEFEATURESREQUEST']._serialized_end=1735
-  _globals['_GETFEATURESCHEMAREQUEST']._serialized_start=1737
-  _globals['_GETFEATURESCHEMAREQUEST']._serialized_end=1762
-  _globals['_FEATUREGROUPSCHEMA']._serialized_start=1765
-  _globals['_FEATUREGROUPSCHEMA']._serialized_end=1971
-  _globals['_GETFEATURESCHEMARESPONSE']._serialized_start=1974
-  _globals['_GETFEATURESCHEMARESPONSE']._serialized_end=2133
-  _globals['_CATEGORYSCHEMA']._serialized_start=2135
-  _globals['_CATEGORYSCHEMA']._serialized_end=2184
-  _globals['_TAGSERVICE']._serialized_start=2311
-  _globals['_TAGSERVICE']._serialized_end=2460
-  _globals['_FEATURESERVICE']._serialized_start=2463
-  _globals['_FEATURESERVICE']._serialized_end=2745
+  _globals['_TIMINGS']._serialized_end=920
+  _globals['_NOTEERROR']._serialized_start=922
+  _globals['_NOTEERROR']._serialized_end=964
+  _globals['_TAGNOTERESPONSE']._serialized_start=967
+  _globals['_TAGNOTERESPONSE']._serialized_end=1245
+  _globals['_GETNOTEFEATURESREQUEST']._serialized_start=1247
+  _globals['_GETNOTEFEATURESREQUEST']._serialized_end=1362
+  _globals['_JAGGEDGROUP']._serialized_start=1364
+  _globals['_JAGGEDGROUP']._serialized_end=1441
+  _globals['_JAGGEDFEATURES']._serialized_start=1443
+  _globals['_JAGGEDFEATURES']._serialized_end=1532
+  _globals['_GETNOTEFEATURESRESPONSE']._serialized_start=1534
+  _globals['_GETNOTEFEATURESRESPONSE']._serialized_end=1642
+  _globals['_SCANNOTEFEATURESREQUEST']._serialized_start=1644
+  _globals['_SCANNOTEFEATURESREQUEST']._serialized_end=1765
+  _globals['_GETFEATURESCHEMAREQUEST']._serialized_start=1767
+  _globals['_GETFEATURESCHEMAREQUEST']._serialized_end=1792
+  _globals['_FEATUREGROUPSCHEMA']._serialized_start=1795
+  _globals['_FEATUREGROUPSCHEMA']._serialized_end=2001
+  _globals['_GETFEATURESCHEMARESPONSE']._serialized_start=2004
+  _globals['_GETFEATURESCHEMARESPONSE']._serialized_end=2163
+  _globals['_CATEGORYSCHEMA']._serialized_start=2165
+  _globals['_CATEGORYSCHEMA']._serialized_end=2214
+  _globals['_TAGSERVICE']._serialized_start=2341
+  _globals['_TAGSERVICE']._serialized_end=2490
+  _globals['_FEATURESERVICE']._serialized_start=2493
+  _globals['_FEATURESERVICE']._serialized_end=2775
 # @@protoc_insertion_point(module_scope)
