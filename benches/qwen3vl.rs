@@ -1,8 +1,10 @@
 //! CPU prefill and decode speed of our Qwen3-VL on a checkpoint directory, the same measure
 //! `scripts/bench_qwen3vl_hf.py` takes of Hugging Face transformers; `scripts/bench_qwen3vl.sh`
 //! runs both in one go on a Qwen3-VL-2B-width checkpoint with random weights and prints the ratio.
+//! Given a GGUF file instead (`--model models/smollm2/*.gguf`), the same measure of our batched
+//! llama decoder (weights re-quantized to Q8_0 as the server does).
 //!
-//!     cargo bench --bench qwen3vl -- --model DIR [--prompt-tokens 290] [--new-tokens 64]
+//!     cargo bench --bench qwen3vl -- --model DIR|GGUF [--prompt-tokens 290] [--new-tokens 64]
 //!         [--runs 6] [--image PATH] [--dtype f32|bf16] [--batch N]
 //!
 //! Prints one JSON line: median, min and max of prefill and decode tokens/s over the runs (one
@@ -53,6 +55,9 @@ fn main() {
         "f16" => candle_core::DType::F16,
         _ => candle_core::DType::F32,
     };
+    if dir.is_file() {
+        return gguf(&dir, prompt_tokens, new_tokens, runs, batch);
+    }
     let mut opts = LoadOptions::cpu(Requantize::None);
     opts.dtype = Some(dtype);
     opts.context_tokens = prompt_tokens + new_tokens + 2048;
@@ -139,6 +144,75 @@ fn main() {
             "batch": batch,
             "new_tokens": new_tokens,
             "load_s": load_s,
+            "prefill_tok_s": stats(prefill),
+            "decode_tok_s": stats(decode),
+        })
+    );
+}
+
+/// `--batch` copies of a random prompt through the llama decoder's slots: one packed prefill,
+/// then `new_tokens` packed decode steps.
+fn gguf(
+    path: &std::path::Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    batch: usize,
+) {
+    let opts = LoadOptions {
+        max_batch: batch,
+        prefix_cache: 0,
+        context_tokens: prompt_tokens + new_tokens + 16,
+        ..LoadOptions::cpu(Requantize::Q8_0)
+    };
+    let mut model = TextModel::load_with(path, &opts).expect("load");
+    let vocab = model.tokenizer().get_vocab_size(false) as u64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let ids: Vec<u32> = (0..prompt_tokens)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (100 + state % (vocab - 100)) as u32
+        })
+        .collect();
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for run in 0..=runs {
+        let inputs: Vec<_> = (0..batch)
+            .map(|s| (ids.as_slice(), &[][..], s, 0))
+            .collect();
+        let t = Instant::now();
+        let out = model.prefill_batch(&inputs).unwrap();
+        let tp = t.elapsed().as_secs_f64();
+        let mut toks: Vec<u32> = out
+            .iter()
+            .map(|p| tagllm::model::argmax(&p.logits))
+            .collect();
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let steps: Vec<(u32, usize)> = toks.iter().copied().zip(0..batch).collect();
+            toks = model
+                .decode_batch(&steps)
+                .unwrap()
+                .iter()
+                .map(|l| tagllm::model::argmax(l))
+                .collect();
+        }
+        let td = t.elapsed().as_secs_f64();
+        if run > 0 {
+            prefill.push((batch * prompt_tokens) as f64 / tp);
+            decode.push((batch * new_tokens) as f64 / td);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "tagllm",
+            "model": path.display().to_string(),
+            "threads": candle_core::utils::get_num_threads(),
+            "prompt_tokens": prompt_tokens,
+            "batch": batch,
+            "new_tokens": new_tokens,
             "prefill_tok_s": stats(prefill),
             "decode_tok_s": stats(decode),
         })

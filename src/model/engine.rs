@@ -276,12 +276,12 @@ fn run(
                 grammar: None,
                 shared_prefix: 0,
             };
-            if model.qwen3vl().is_some() {
+            if model.batches() {
                 // Through the batch path (slot 0), the one the engine serves with: no second
                 // cache for the single-sequence path.
-                let (logits, _) = model.prefill_batch(&[(&p, &[], 0)])?.remove(0);
+                let first = model.prefill_batch(&[(&p, &[], 0, 0)])?.remove(0);
                 model
-                    .decode_batch(&[(super::argmax(&logits), 0)])
+                    .decode_batch(&[(super::argmax(&first.logits), 0)])
                     .map(|_| ())
             } else {
                 model.generate(&p, &params, &|| false).map(|_| ())
@@ -299,7 +299,7 @@ fn run(
         "model loaded and warm"
     );
     state.send_replace(EngineState::Ready(info));
-    let batching = model.qwen3vl().is_some();
+    let batching = model.batches();
     stats.slots.store(
         if batching { model.max_batch() } else { 1 },
         Ordering::Relaxed,
@@ -423,6 +423,7 @@ struct Running {
 struct Admitted {
     job: Job,
     prompt: Vec<u32>,
+    shared_prefix: usize,
     truncated: bool,
     queue: Duration,
     cost: usize,
@@ -480,6 +481,7 @@ fn run_batched(
                             cost: p.ids.len() + model.extra_image_tokens(&job.images),
                             job,
                             prompt: p.ids,
+                            shared_prefix: p.shared_prefix,
                             truncated: p.truncated,
                             queue,
                         },
@@ -507,9 +509,16 @@ fn run_batched(
         // 2. Prefill the newcomers together.
         if !batch.is_empty() {
             let t0 = Instant::now();
-            let inputs: Vec<(&[u32], &[ProcessedImage], usize)> = batch
+            let inputs: Vec<(&[u32], &[ProcessedImage], usize, usize)> = batch
                 .iter()
-                .map(|(a, slot)| (a.prompt.as_slice(), a.job.images.as_slice(), *slot))
+                .map(|(a, slot)| {
+                    (
+                        a.prompt.as_slice(),
+                        a.job.images.as_slice(),
+                        *slot,
+                        a.shared_prefix,
+                    )
+                })
                 .collect();
             let prefilled = model.prefill_batch(&inputs);
             let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -522,9 +531,9 @@ fn run_batched(
                     }
                 }
                 Ok(outs) => {
-                    for ((a, slot), (logits, prompt_len)) in batch.into_iter().zip(outs) {
+                    for ((a, slot), p) in batch.into_iter().zip(outs) {
                         let params = params_for(&a.job, cfg);
-                        let mut seq = match model.start_sequence(&params, prompt_len) {
+                        let mut seq = match model.start_sequence(&params, p.tokens) {
                             Ok(s) => s,
                             Err(e) => {
                                 free.push(slot);
@@ -533,8 +542,9 @@ fn run_batched(
                             }
                         };
                         seq.prefill_ms = prefill_ms;
+                        seq.cached_prompt_tokens = p.cached;
                         seq.start_decode_clock();
-                        match model.advance(&mut seq, &logits) {
+                        match model.advance(&mut seq, &p.logits) {
                             Ok(Some(next)) => running.push(Running {
                                 job: a.job,
                                 seq,

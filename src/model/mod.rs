@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod constrain;
 pub mod engine;
+pub mod llama;
 pub mod prefix;
 pub mod qwen3vl;
 pub mod tokenizer;
@@ -21,7 +22,7 @@ use candle_core::{
     quantized::{gguf_file, GgmlDType, QTensor},
     DType, Device, Tensor,
 };
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_transformers::models::quantized_qwen2;
 use sha2::{Digest, Sha256};
 
 use crate::config::Requantize;
@@ -84,13 +85,24 @@ pub struct ModelInfo {
     pub device: String,
 }
 
-/// The architectures candle-transformers implements for quantized GGUF text models.
+/// The loaded network and its caches.
 enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
-    /// A Qwen3-VL checkpoint in Hugging Face layout, with its one sequence's cache.
+    /// A llama GGUF through our batched decoder ([`llama`]), with its batch slots.
+    Llama(Box<LlamaWeights>),
+    /// A qwen2 GGUF through candle-transformers (one sequence).
+    Qwen2(Box<quantized_qwen2::ModelWeights>),
+    /// A Qwen3-VL checkpoint in Hugging Face layout, with its batch slots.
     Vl(Box<VlWeights>),
 }
+
+struct LlamaWeights {
+    model: llama::Llama,
+    /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
+    slots: Vec<VlSlot>,
+}
+
+/// The state after a shared prompt prefix: each layer's keys and values over its positions.
+type PrefixState = Vec<(Tensor, Tensor)>;
 
 struct VlWeights {
     model: qwen3vl::Qwen3Vl,
@@ -98,7 +110,8 @@ struct VlWeights {
     slots: Vec<VlSlot>,
 }
 
-/// One batch slot: a lazily allocated cache of `cap` positions and its sequence's rope delta.
+/// One batch slot: a lazily allocated cache of `cap` positions and its sequence's rope delta
+/// (Qwen3-VL; 0 otherwise).
 struct VlSlot {
     cache: Option<qwen3vl::KvCache>,
     cap: usize,
@@ -106,11 +119,26 @@ struct VlSlot {
 }
 
 impl VlSlot {
-    fn cache(&mut self, model: &qwen3vl::Qwen3Vl) -> candle_core::Result<&mut qwen3vl::KvCache> {
+    fn new(cap: usize) -> VlSlot {
+        VlSlot {
+            cache: None,
+            cap,
+            rope_delta: 0,
+        }
+    }
+
+    fn cache_with(
+        &mut self,
+        new: impl FnOnce(usize) -> candle_core::Result<qwen3vl::KvCache>,
+    ) -> candle_core::Result<&mut qwen3vl::KvCache> {
         if self.cache.is_none() {
-            self.cache = Some(model.new_cache(self.cap)?);
+            self.cache = Some(new(self.cap)?);
         }
         Ok(self.cache.as_mut().expect("just allocated"))
+    }
+
+    fn cache(&mut self, model: &qwen3vl::Qwen3Vl) -> candle_core::Result<&mut qwen3vl::KvCache> {
+        self.cache_with(|cap| model.new_cache(cap))
     }
 }
 
@@ -119,30 +147,30 @@ impl Weights {
         arch: &str,
         ct: gguf_file::Content,
         r: &mut R,
-        device: &Device,
+        opts: &LoadOptions,
     ) -> candle_core::Result<Weights> {
+        let device = &opts.device;
         Ok(match arch {
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, r, device)?),
-            _ => Weights::Llama(quantized_llama::ModelWeights::from_gguf(ct, r, device)?),
+            "qwen2" => Weights::Qwen2(Box::new(quantized_qwen2::ModelWeights::from_gguf(
+                ct, r, device,
+            )?)),
+            _ => Weights::Llama(Box::new(LlamaWeights {
+                model: llama::Llama::from_gguf(&ct, r, device)?,
+                slots: (0..opts.max_batch.max(1))
+                    .map(|_| VlSlot::new(opts.context_tokens))
+                    .collect(),
+            })),
         })
     }
 
-    /// A copy of a llama-family GGUF model's state: weights are shared, the KV cache is copied by
-    /// reference (candle-transformers appends by building new tensors, so the copy never changes).
-    fn snapshot(&self) -> Option<Weights> {
-        match self {
-            Weights::Llama(m) => Some(Weights::Llama(m.clone())),
-            // candle-transformers' quantized Qwen2 is not Clone.
-            Weights::Qwen2(_) | Weights::Vl(_) => None,
-        }
-    }
-
     /// Logits of the last position; `pos == 0` starts a new sequence (the KV cache is reset).
+    /// candle-transformers' models only (the others step through their slots).
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Llama(m) => m.forward(x, pos),
             Weights::Qwen2(m) => m.forward(x, pos),
-            Weights::Vl(_) => candle_core::bail!("Qwen3-VL steps go through TextModel::step"),
+            Weights::Llama(_) | Weights::Vl(_) => {
+                candle_core::bail!("batching models step through their slots")
+            }
         }
     }
 }
@@ -237,7 +265,7 @@ pub struct TextModel {
     constrainer: constrain::Constrainer,
     device: Device,
     /// States after shared prompt prefixes (GGUF models).
-    prefixes: prefix::PrefixCache<Weights>,
+    prefixes: prefix::PrefixCache<PrefixState>,
     /// Prompt tokens the last [`TextModel::prefill`] took from the prefix cache.
     last_cached: usize,
     /// What it is.
@@ -403,9 +431,9 @@ impl TextModel {
         let weights = match requantized {
             Some(mut buf) => {
                 let ct2 = gguf_file::Content::read(&mut buf).map_err(|e| load_err(path, e))?;
-                Weights::from_gguf(&architecture, ct2, &mut buf, &device)
+                Weights::from_gguf(&architecture, ct2, &mut buf, opts)
             }
-            None => Weights::from_gguf(&architecture, ct, &mut file, &device),
+            None => Weights::from_gguf(&architecture, ct, &mut file, opts),
         }
         .map_err(|e| load_err(path, e))?;
         let vocab_size = tokenizer.get_vocab_size(true);
@@ -706,10 +734,17 @@ impl TextModel {
 
     /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        if matches!(self.weights, Weights::Vl(_)) {
+        if !matches!(self.weights, Weights::Qwen2(_)) {
             // The single-sequence path is batch slot 0.
             if pos == 0 {
                 return self.prefill(tokens, &[]).map(|(l, _)| l);
+            }
+            if let Weights::Llama(w) = &mut self.weights {
+                let cached = w.slots[0].cache.as_ref().map_or(0, |c| c.len());
+                if cached != pos {
+                    return Err(rt(format!("position {pos} after {cached} cached tokens")));
+                }
+                return Ok(llama_step(w, &[(tokens, 0)])?.remove(0));
             }
             let mut last = None;
             for &t in tokens {
@@ -748,38 +783,20 @@ impl TextModel {
         images: &[ProcessedImage],
         shared_prefix: usize,
     ) -> Result<(Vec<f32>, usize), ModelError> {
-        if matches!(self.weights, Weights::Vl(_)) {
-            return self
-                .prefill_batch(&[(prompt, images, 0)])?
-                .pop()
-                .ok_or_else(|| rt("no logits"));
-        }
-        if !images.is_empty() {
-            return Err(rt("this model reads no images"));
-        }
-        // Shared prefixes are always computed as their own chunk, so a restored state is the
-        // same bits a fresh computation gives (see `prefix`).
-        self.last_cached = 0;
-        let mut pos = 0;
-        if shared_prefix >= prefix::PrefixCache::<Weights>::MIN_TOKENS
-            && shared_prefix < prompt.len()
-        {
-            let shared = &prompt[..shared_prefix];
-            match self.prefixes.get(shared).and_then(Weights::snapshot) {
-                Some(state) => {
-                    self.weights = state;
-                    self.last_cached = shared_prefix;
-                }
-                None => {
-                    self.forward(shared, 0)?;
-                    if let Some(state) = self.weights.snapshot() {
-                        self.prefixes.insert(shared, state);
-                    }
-                }
+        if matches!(self.weights, Weights::Qwen2(_)) {
+            if !images.is_empty() {
+                return Err(rt("this model reads no images"));
             }
-            pos = shared_prefix;
+            self.last_cached = 0;
+            return Ok((self.forward(prompt, 0)?, prompt.len()));
         }
-        Ok((self.forward(&prompt[pos..], pos)?, prompt.len()))
+        // The single-sequence path is batch slot 0.
+        let p = self
+            .prefill_batch(&[(prompt, images, 0, shared_prefix)])?
+            .pop()
+            .ok_or_else(|| rt("no logits"))?;
+        self.last_cached = p.cached;
+        Ok((p.logits, p.tokens))
     }
 
     /// Prompt tokens the last single-sequence prefill took from the prefix cache, and the total
@@ -928,22 +945,32 @@ impl TextModel {
     pub fn max_batch(&self) -> usize {
         match &self.weights {
             Weights::Vl(w) => w.slots.len(),
-            _ => 1,
+            Weights::Llama(w) => w.slots.len(),
+            Weights::Qwen2(_) => 1,
         }
     }
 
-    /// Prefills several prompts at once into the given free cache slots (batching models only);
-    /// returns each prompt's next-token logits and its length with images expanded.
+    /// Whether the engine can batch this model (its sequences run through cache slots).
+    pub fn batches(&self) -> bool {
+        !matches!(self.weights, Weights::Qwen2(_))
+    }
+
+    /// Prefills several prompts at once into the given free cache slots (batching models only):
+    /// `(ids, images, slot, shared_prefix)` each ([`EncodedPrompt::shared_prefix`]; the llama
+    /// models take it from, or add it to, the prefix cache).
     pub fn prefill_batch(
         &mut self,
-        prompts: &[(&[u32], &[ProcessedImage], usize)],
-    ) -> Result<Vec<(Vec<f32>, usize)>, ModelError> {
+        prompts: &[(&[u32], &[ProcessedImage], usize, usize)],
+    ) -> Result<Vec<Prefilled>, ModelError> {
+        if let Weights::Llama(w) = &mut self.weights {
+            return llama_prefill(w, &mut self.prefixes, prompts);
+        }
         let Weights::Vl(w) = &mut self.weights else {
             return Err(rt("this model does not batch"));
         };
         let VlWeights { model, slots, .. } = &mut **w;
         let mut prepared = Vec::with_capacity(prompts.len());
-        for (ids, images, slot) in prompts {
+        for (ids, images, slot, _) in prompts {
             let p = model.prepare(ids, images).map_err(rt)?;
             let s = slots
                 .get_mut(*slot)
@@ -965,13 +992,28 @@ impl TextModel {
         logits
             .into_iter()
             .zip(&prepared)
-            .map(|(l, p)| Ok((l.to_vec1::<f32>().map_err(rt)?, p.tokens.len())))
+            .map(|(l, p)| {
+                Ok(Prefilled {
+                    logits: l.to_vec1::<f32>().map_err(rt)?,
+                    tokens: p.tokens.len(),
+                    cached: 0,
+                })
+            })
             .collect()
     }
 
     /// One decode step for several sequences: `steps[i] = (token, slot)`. Returns each
     /// sequence's next-token logits.
     pub fn decode_batch(&mut self, steps: &[(u32, usize)]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if let Weights::Llama(w) = &mut self.weights {
+            let tokens: Vec<[u32; 1]> = steps.iter().map(|s| [s.0]).collect();
+            let items: Vec<(&[u32], usize)> = tokens
+                .iter()
+                .zip(steps)
+                .map(|(t, s)| (&t[..], s.1))
+                .collect();
+            return llama_step(w, &items);
+        }
         let Weights::Vl(w) = &mut self.weights else {
             return Err(rt("this model does not batch"));
         };
@@ -1018,6 +1060,157 @@ impl Sequence {
 }
 
 /// Mutable borrows of distinct cache slots, in the order asked.
+/// One prompt's prefill: its next-token logits, its length in tokens (images expanded), and how
+/// many of them came from the prefix cache.
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    /// Next-token logits.
+    pub logits: Vec<f32>,
+    /// Prompt tokens.
+    pub tokens: usize,
+    /// Prompt tokens restored from the prefix cache instead of computed.
+    pub cached: usize,
+}
+
+/// One packed step of the llama decoder: `(new tokens, slot)` each, every slot continuing its
+/// cache (allocated on first use). Returns each item's next-token logits.
+fn llama_step(
+    w: &mut LlamaWeights,
+    items: &[(&[u32], usize)],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let LlamaWeights { model, slots } = w;
+    for &(_, slot) in items {
+        slots
+            .get_mut(slot)
+            .ok_or_else(|| rt("no such cache slot"))?
+            .cache_with(|cap| model.new_cache(cap))
+            .map_err(rt)?;
+    }
+    let tokens: Vec<u32> = items.iter().flat_map(|i| i.0.iter().copied()).collect();
+    let mut caches = slot_caches(slots, items.iter().map(|i| i.1))?;
+    let mut seqs: Vec<qwen3vl::text::SeqSlice<'_>> = caches
+        .iter_mut()
+        .zip(items)
+        .map(|(cache, item)| qwen3vl::text::SeqSlice {
+            tokens: item.0.len(),
+            cache,
+        })
+        .collect();
+    let logits = model.forward(&tokens, &mut seqs).map_err(rt)?;
+    (0..items.len())
+        .map(|i| logits.get(i).and_then(|l| l.to_vec1::<f32>()).map_err(rt))
+        .collect()
+}
+
+/// Prefill for the llama decoder. A prompt's shared prefix (at least
+/// [`prefix::PrefixCache::MIN_TOKENS`] and short of the whole prompt) is always its own chunk:
+/// restored from the prefix cache, or computed in a first packed step and then stored; the rest
+/// of every prompt goes in a second packed step. So a cached prefix gives the same bits as a
+/// fresh one.
+fn llama_prefill(
+    w: &mut LlamaWeights,
+    prefixes: &mut prefix::PrefixCache<PrefixState>,
+    prompts: &[(&[u32], &[ProcessedImage], usize, usize)],
+) -> Result<Vec<Prefilled>, ModelError> {
+    let mut starts = Vec::with_capacity(prompts.len());
+    let mut cached = Vec::with_capacity(prompts.len());
+    // Prefixes to compute (once each), and prompts that wait for one of them.
+    let mut first: Vec<(&[u32], usize)> = Vec::new();
+    let mut later: Vec<(usize, usize, &[u32])> = Vec::new();
+    for (i, &(ids, images, slot, shared)) in prompts.iter().enumerate() {
+        if !images.is_empty() {
+            return Err(rt("this model reads no images"));
+        }
+        if ids.is_empty() {
+            return Err(rt("empty prompt"));
+        }
+        let s = w
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| rt("no such cache slot"))?;
+        let model = &w.model;
+        let cache = s.cache_with(|cap| model.new_cache(cap)).map_err(rt)?;
+        if ids.len() > cache.capacity() {
+            return Err(ModelError::PromptTooLong {
+                tokens: ids.len(),
+                limit: cache.capacity(),
+            });
+        }
+        cache.reset();
+        let chunked =
+            shared >= prefix::PrefixCache::<PrefixState>::MIN_TOKENS && shared < ids.len();
+        let mut hit = 0;
+        if chunked {
+            let head = &ids[..shared];
+            let enabled = prefixes.enabled();
+            match prefixes.get(head) {
+                Some(state) => {
+                    restore(cache, state)?;
+                    hit = shared;
+                }
+                // Another prompt of this batch computes the same prefix: take it from there.
+                None if enabled && first.iter().any(|f| f.0 == head) => later.push((i, slot, head)),
+                None => first.push((head, slot)),
+            }
+        }
+        starts.push(if chunked { shared } else { 0 });
+        cached.push(hit);
+    }
+    if !first.is_empty() {
+        llama_step(w, &first)?;
+        for &(ids, slot) in &first {
+            let cache = w.slots[slot].cache.as_ref().ok_or_else(|| rt("no cache"))?;
+            let state = cache
+                .layers
+                .iter()
+                .map(|(k, v)| {
+                    // A compact copy of its own, never a view of the slot's cache.
+                    let own = |t: &Tensor| t.narrow(1, 0, ids.len())?.contiguous()?.copy();
+                    Ok((own(k)?, own(v)?))
+                })
+                .collect::<candle_core::Result<PrefixState>>()
+                .map_err(rt)?;
+            prefixes.insert(ids, state);
+        }
+        for &(i, slot, head) in &later {
+            let state = prefixes
+                .get(head)
+                .ok_or_else(|| rt("prefix state evicted"))?;
+            let cache = w.slots[slot].cache.as_mut().ok_or_else(|| rt("no cache"))?;
+            restore(cache, state)?;
+            cached[i] = head.len();
+        }
+    }
+    let rest: Vec<(&[u32], usize)> = prompts
+        .iter()
+        .zip(&starts)
+        .map(|(p, &start)| (&p.0[start..], p.2))
+        .collect();
+    let logits = llama_step(w, &rest)?;
+    Ok(logits
+        .into_iter()
+        .zip(prompts)
+        .zip(cached)
+        .map(|((logits, p), cached)| Prefilled {
+            logits,
+            tokens: p.0.len(),
+            cached,
+        })
+        .collect())
+}
+
+/// Puts a prefix state into an empty cache.
+fn restore(cache: &mut qwen3vl::KvCache, state: &PrefixState) -> Result<(), ModelError> {
+    let len = state.first().map_or(0, |(k, _)| k.dims()[1]);
+    cache.reserve(len).map_err(rt)?;
+    for ((k, v), (kc, vc)) in state.iter().zip(&cache.layers) {
+        kc.slice_set(k, 1, 0).map_err(rt)?;
+        vc.slice_set(v, 1, 0).map_err(rt)?;
+    }
+    cache.len = len;
+    Ok(())
+}
+
 fn slot_caches(
     slots: &mut [VlSlot],
     which: impl Iterator<Item = usize>,

@@ -71,6 +71,11 @@ impl<T> PrefixCache<T> {
         });
     }
 
+    /// Whether it keeps entries at all.
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -198,6 +198,10 @@ async fn overload_is_refused_with_bounded_memory() {
         &[
             ("TAGLLM__MODEL__QUEUE_CAPACITY", "2"),
             ("TAGLLM__MODEL__MAX_NEW_TOKENS", "32"),
+            // One sequence at a time: what is measured is the queue (refused calls must not be
+            // parked in memory). Batching adds each running note's KV cache (~47 MB per ~930-token
+            // note on the default model), bounded by model.max_batch.
+            ("TAGLLM__MODEL__MAX_BATCH", "1"),
         ],
         "",
     )

@@ -270,3 +270,204 @@ fn prefix_cache_gives_the_same_tokens() {
         );
     }
 }
+
+/// The llama decoder batches without changing a bit: three prompts (two categories, one with no
+/// shared prefix) prefilled in one packed step and decoded together give exactly the logits each
+/// gives alone, at every step.
+#[test]
+fn batched_llama_equals_alone() {
+    use tagllm::{
+        config::Limits,
+        domain::RawNote,
+        handbook::Handbook,
+        model::{chat::Message, LoadOptions},
+        prompt,
+    };
+    let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
+    let limits = Limits::default();
+    let opts = LoadOptions {
+        max_batch: 3,
+        ..LoadOptions::cpu(Requantize::Q8_0)
+    };
+    let mut m = TextModel::load_with(&model_path(), &opts).unwrap();
+    let mut prompts = Vec::new();
+    for (cat, body) in [
+        (
+            "food",
+            "Hand-pulled noodles in Lanzhou, the broth was clear and the beef thin.",
+        ),
+        ("travel", "三天两晚的厦门行程，鼓浪屿人很多，建议早上去。"),
+    ] {
+        let note = RawNote {
+            note_id: cat.into(),
+            category: cat.into(),
+            title: "A note".into(),
+            body: body.into(),
+            ..Default::default()
+        }
+        .validate(&limits)
+        .unwrap();
+        let c = handbook.resolve(cat);
+        let enc = m
+            .encode_chat_within(
+                &prompt::messages(&note, c, &limits, 0),
+                &prompt::assistant_prefix(c),
+                4000,
+            )
+            .unwrap();
+        prompts.push((enc.ids, enc.shared_prefix));
+    }
+    let short = m
+        .encode_chat(&[Message::new("user", "Say hi.")], "")
+        .unwrap();
+    prompts.push((short, 0));
+    const STEPS: usize = 6;
+    let greedy = |l: &[f32]| tagllm::model::argmax(l);
+    let mut alone = Vec::new();
+    for (ids, shared) in &prompts {
+        let first = m
+            .prefill_batch(&[(ids, &[], 0, *shared)])
+            .unwrap()
+            .remove(0);
+        let mut steps = vec![first.logits];
+        for _ in 0..STEPS {
+            let t = greedy(steps.last().unwrap());
+            steps.push(m.decode_batch(&[(t, 0)]).unwrap().remove(0));
+        }
+        alone.push(steps);
+    }
+    let inputs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(slot, (ids, shared))| (ids.as_slice(), &[][..], slot, *shared))
+        .collect();
+    let mut last: Vec<Vec<f32>> = m
+        .prefill_batch(&inputs)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.logits)
+        .collect();
+    for step in 0..=STEPS {
+        for (i, (l, want)) in last.iter().zip(&alone).enumerate() {
+            assert_eq!(l, &want[step], "prompt {i}, step {step}");
+        }
+        if step == STEPS {
+            break;
+        }
+        let next: Vec<(u32, usize)> = last
+            .iter()
+            .enumerate()
+            .map(|(s, l)| (greedy(l), s))
+            .collect();
+        last = m.decode_batch(&next).unwrap();
+    }
+}
+
+/// The engine batches the default model: four tagging prompts (two categories) submitted at once
+/// to a four-slot engine run together (peak batch above 1), the food guidance is computed once
+/// and shared within the batch, and each answer equals its own unbatched generation token for
+/// token.
+#[tokio::test]
+async fn engine_batches_the_default_model() {
+    use std::{sync::atomic::Ordering, time::Instant};
+    use tagllm::{
+        config::Limits,
+        domain::RawNote,
+        handbook::Handbook,
+        model::{
+            engine::{EngineConfig, EngineHandle, Job},
+            GenParams, LoadOptions,
+        },
+        prompt,
+    };
+    let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
+    let limits = Limits::default();
+    let notes: Vec<_> = [
+        ("food", "Hand-pulled noodles in Lanzhou, clear broth."),
+        ("food", "深夜食堂的拉面，汤头很浓。"),
+        ("beauty", "This serum sinks in fast and my skin feels calm."),
+        ("food", "Sourdough from the corner bakery, crisp crust."),
+    ]
+    .iter()
+    .map(|(cat, body)| {
+        let note = RawNote {
+            note_id: body.to_string(),
+            category: cat.to_string(),
+            body: body.to_string(),
+            ..Default::default()
+        }
+        .validate(&limits)
+        .unwrap();
+        let c = handbook.resolve(cat);
+        (
+            prompt::messages(&note, c, &limits, 0),
+            prompt::assistant_prefix(c),
+        )
+    })
+    .collect();
+    let mut single = TextModel::load_with(
+        &model_path(),
+        &LoadOptions {
+            prefix_cache: 0,
+            ..LoadOptions::cpu(Requantize::Q8_0)
+        },
+    )
+    .unwrap();
+    let mut want = Vec::new();
+    for (messages, prefix) in &notes {
+        let enc = single.encode_chat_within(messages, prefix, 4000).unwrap();
+        let params = GenParams {
+            max_new_tokens: 16,
+            context_tokens: 4096,
+            assistant_prefix: prefix.clone(),
+            stop_at_json_end: true,
+            grammar: None,
+            shared_prefix: enc.shared_prefix,
+        };
+        let g = single.generate(&enc.ids, &params, &|| false).unwrap();
+        want.push((g.text, g.generated_tokens, g.prompt_tokens));
+    }
+    let (e, _join) = EngineHandle::spawn(EngineConfig {
+        model_path: model_path(),
+        requantize: Requantize::Q8_0,
+        device: "cpu".into(),
+        dtype: None,
+        image_max_pixels: 65_536,
+        max_batch: 4,
+        max_batch_tokens: 4096,
+        prefix_cache_entries: 8,
+        queue_capacity: 16,
+        context_tokens: 4096,
+    })
+    .unwrap();
+    e.wait_ready().await.unwrap();
+    let mut rxs = Vec::new();
+    for (messages, prefix) in &notes {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        e.try_submit(Job {
+            messages: messages.clone(),
+            images: vec![],
+            max_new_tokens: 16,
+            assistant_prefix: prefix.clone(),
+            grammar: None,
+            enqueued: Instant::now(),
+            reply: tx,
+        })
+        .unwrap();
+        rxs.push(rx);
+    }
+    let mut cached = 0;
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let g = rx.await.unwrap().unwrap().generation;
+        cached += g.cached_prompt_tokens;
+        assert_eq!(
+            (g.text, g.generated_tokens, g.prompt_tokens),
+            want[i],
+            "note {i}: batched differs from unbatched"
+        );
+    }
+    let peak = e.stats().peak_batch.load(Ordering::Relaxed);
+    assert!((2..=4).contains(&peak), "peak batch {peak}");
+    assert!(cached > 0, "no prompt reused a guidance prefix");
+    eprintln!("peak batch {peak}; {cached} prompt tokens from the prefix cache");
+}

@@ -10,19 +10,43 @@ use candle_nn::{embedding, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 use super::config::TextConfig;
 use super::linear::{proj_b, Proj};
 
-/// One sequence's keys and values, preallocated to a fixed capacity and reusable: `reset` makes it
-/// empty without freeing it.
+/// One sequence's keys and values, up to a fixed capacity, reusable: `reset` makes it empty
+/// without freeing it. Memory grows with use (in steps of at least [`KvCache::STEP`] positions,
+/// doubling), so a slot that never held a long prompt never holds the full capacity.
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
+    /// Per layer, keys and values `[kv_heads, cap, head_dim]`; the first `len` positions are set.
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    pub(crate) len: usize,
     cap: usize,
 }
 
 impl KvCache {
+    /// Smallest allocation, in positions.
+    pub const STEP: usize = 256;
+
     /// A cache of `cap` positions for every layer of `cfg`.
     pub fn new(cfg: &TextConfig, cap: usize, dtype: DType, device: &Device) -> Result<KvCache> {
-        let shape = (cfg.num_key_value_heads, cap, cfg.head_dim);
-        let layers = (0..cfg.num_hidden_layers)
+        KvCache::with_shape(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cap,
+            dtype,
+            device,
+        )
+    }
+
+    /// A cache of `cap` positions for `layers` layers of `kv_heads` heads of `head_dim`.
+    pub fn with_shape(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        cap: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<KvCache> {
+        let shape = (kv_heads, cap.min(Self::STEP), head_dim);
+        let layers = (0..layers)
             .map(|_| {
                 Ok((
                     Tensor::zeros(shape, dtype, device)?,
@@ -55,6 +79,35 @@ impl KvCache {
     /// Empties it for the next sequence (the memory stays).
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// Makes room for `total` positions (at most the capacity), keeping what is cached.
+    pub fn reserve(&mut self, total: usize) -> Result<()> {
+        let have = self.layers.first().map_or(0, |(k, _)| k.dims()[1]);
+        if total <= have {
+            return Ok(());
+        }
+        if total > self.cap {
+            candle_core::bail!(
+                "sequence of {total} tokens does not fit its {}-position cache",
+                self.cap
+            );
+        }
+        let new = total
+            .next_multiple_of(Self::STEP)
+            .max(2 * have)
+            .min(self.cap);
+        for (k, v) in &mut self.layers {
+            for t in [k, v] {
+                let (heads, _, dim) = t.dims3()?;
+                let grown = Tensor::zeros((heads, new, dim), t.dtype(), t.device())?;
+                if self.len > 0 {
+                    grown.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                *t = grown;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -229,14 +282,8 @@ impl TextDecoder {
                 positions.len()
             );
         }
-        for s in seqs.iter() {
-            if s.cache.len + s.tokens > s.cache.cap {
-                candle_core::bail!(
-                    "sequence of {} tokens does not fit its {}-position cache",
-                    s.cache.len + s.tokens,
-                    s.cache.cap
-                );
-            }
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.cache.len + s.tokens)?;
         }
         let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
         let mut x = x.clone();
@@ -328,13 +375,11 @@ impl TextDecoder {
 
 /// Additive mask, `[rep*len, past+len]` in F32: query `i` (repeated `rep` times, one block per
 /// query head of a group) sees keys `0..=past+i`.
-fn causal_mask(rep: usize, len: usize, past: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(rep: usize, len: usize, past: usize, device: &Device) -> Result<Tensor> {
     let keys = past + len;
-    let mut m = Vec::with_capacity(rep * len * keys);
-    for _ in 0..rep {
-        for i in 0..len {
-            m.extend((0..keys).map(|j| if j <= past + i { 0.0 } else { f32::MIN }));
-        }
+    let mut m = vec![0f32; rep * len * keys];
+    for (r, row) in m.chunks_exact_mut(keys).enumerate() {
+        row[past + r % len + 1..].fill(f32::MIN);
     }
     Tensor::from_vec(m, (rep * len, keys), device)
 }

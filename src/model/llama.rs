@@ -1,0 +1,252 @@
+//! A quantized llama-family decoder from GGUF (the default model's architecture) over *packed*
+//! sequences, so the engine can batch it: every sequence's new tokens in a step share one
+//! `[tokens, hidden]` matrix for the quantized projections and the MLP, and attention runs per
+//! sequence against that sequence's own KV cache (the Qwen3-VL decoder's scheme, `qwen3vl::text`).
+//!
+//! It computes what candle-transformers' `quantized_llama` computes, op for op (the same GGUF
+//! tensors, quantized matmuls, RMSNorms, interleaved RoPE with the same angle table, softmax
+//! attention), but candle's model holds one sequence's cache. No sequence is padded and every op
+//! is row-wise or per sequence, so a sequence's logits do not depend on what it is batched with
+//! (`tests/it/model.rs` checks batched == alone, exactly); the llama.cpp parity tests run through
+//! this code.
+
+use std::io::{Read, Seek};
+
+use candle_core::{
+    quantized::{gguf_file, QMatMul},
+    DType, Device, Module, Result, Tensor,
+};
+use candle_nn::Embedding;
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::qwen3vl::text::{causal_mask, KvCache, SeqSlice};
+
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    attn_norm: RmsNorm,
+    gate: QMatMul,
+    down: QMatMul,
+    up: QMatMul,
+    ffn_norm: RmsNorm,
+}
+
+/// The decoder.
+pub struct Llama {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    /// `1 / base^(2i/d)`, the rotary frequencies.
+    theta: Vec<f32>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads a `llama` GGUF (dense MLP; mixture-of-experts files are refused).
+    pub fn from_gguf<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+    ) -> Result<Llama> {
+        let md = |k: &str| {
+            ct.metadata
+                .get(k)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata {k} missing")))
+        };
+        if md("llama.expert_count")
+            .and_then(|v| v.to_u32())
+            .unwrap_or(0)
+            > 1
+        {
+            candle_core::bail!("mixture-of-experts llama models are not supported");
+        }
+        let heads = md("llama.attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("llama.attention.head_count_kv")?.to_u32()? as usize;
+        let blocks = md("llama.block_count")?.to_u32()? as usize;
+        let hidden = md("llama.embedding_length")?.to_u32()? as usize;
+        let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
+        let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let base = md("llama.rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
+        let head_dim = hidden / heads;
+        if rope_dim != head_dim || heads % kv_heads != 0 {
+            candle_core::bail!(
+                "unsupported llama shape: rope dim {rope_dim}, head dim {head_dim}, {heads} heads, {kv_heads} KV heads"
+            );
+        }
+        let mut t = |name: &str| ct.tensor(r, name, device);
+        let embed_q = t("token_embd.weight")?;
+        let embed = Embedding::new(embed_q.dequantize(device)?, hidden);
+        let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps)?;
+        let output = match t("output.weight") {
+            Ok(w) => w,
+            Err(_) => embed_q, // tied
+        };
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut q = |n: &str| QMatMul::from_qtensor(t(&format!("blk.{i}.{n}.weight"))?);
+            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
+            let (gate, down, up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                down,
+                up,
+                attn_norm: RmsNorm::from_qtensor(t(&format!("blk.{i}.attn_norm.weight"))?, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(t(&format!("blk.{i}.ffn_norm.weight"))?, eps)?,
+            });
+        }
+        Ok(Llama {
+            embed,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            theta: (0..head_dim)
+                .step_by(2)
+                .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+                .collect(),
+            heads,
+            kv_heads,
+            head_dim,
+            device: device.clone(),
+        })
+    }
+
+    /// An empty cache for one sequence of up to `cap` positions.
+    pub fn new_cache(&self, cap: usize) -> Result<KvCache> {
+        KvCache::with_shape(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            cap,
+            DType::F32,
+            &self.device,
+        )
+    }
+
+    /// One packed step: `tokens` holds every sequence's new tokens in `seqs` order, each
+    /// continuing its cache. Returns the logits (F32) after each sequence's last new token,
+    /// `[seqs.len(), vocab]`.
+    pub fn forward(&self, tokens: &[u32], seqs: &mut [SeqSlice<'_>]) -> Result<Tensor> {
+        let total: usize = seqs.iter().map(|s| s.tokens).sum();
+        if total != tokens.len() || seqs.iter().any(|s| s.tokens == 0) {
+            candle_core::bail!(
+                "packed step: {total} tokens by sequence, {} given",
+                tokens.len()
+            );
+        }
+        let mut positions = Vec::with_capacity(total);
+        let mut last = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let past = s.cache.len();
+            s.cache.reserve(past + s.tokens)?;
+            positions.extend(past..past + s.tokens);
+            last.push((positions.len() - 1) as u32);
+        }
+        // cos/sin rows as candle's table holds them: position x theta in F32.
+        let half = self.theta.len();
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| self.theta.iter().map(move |&t| p as f32 * t))
+            .collect();
+        let angles = Tensor::from_vec(angles, (total, half), &self.device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+
+        // Each sequence's causal mask, built once for every layer.
+        let rep = self.heads / self.kv_heads;
+        let masks = seqs
+            .iter()
+            .map(|s| {
+                (s.tokens > 1)
+                    .then(|| causal_mask(rep, s.tokens, s.cache.len(), &self.device))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.forward(&ids)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn_norm.forward(&x)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, &masks, seqs)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+            )?;
+            x = (x + mlp)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens;
+        }
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        self.output.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &[Option<Tensor>],
+        seqs: &mut [SeqSlice<'_>],
+    ) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        let hd = self.head_dim;
+        let heads = |t: Tensor, count: usize| -> Result<Tensor> {
+            t.reshape((n, count, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0) // [1, count, n, hd]
+        };
+        let q = heads(layer.wq.forward(h)?, self.heads)?;
+        let k = heads(layer.wk.forward(h)?, self.kv_heads)?;
+        let v = heads(layer.wv.forward(h)?, self.kv_heads)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
+        let rep = self.heads / self.kv_heads;
+        let scale = (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (s, mask) in seqs.iter_mut().zip(masks) {
+            let len = s.tokens;
+            let past = s.cache.len();
+            let (kc, vc) = &s.cache.layers[li];
+            kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
+            vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
+            let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
+            let vals = vc.narrow(1, 0, past + len)?;
+            // The `rep` query heads sharing a key/value head form one [rep*len, hd] block.
+            let qs = q
+                .narrow(1, at, len)?
+                .contiguous()?
+                .reshape((self.kv_heads, rep * len, hd))?;
+            let scores = (qs.matmul(&keys.t()?)? / scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs
+                .matmul(&vals)?
+                .reshape((self.heads, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, self.heads * hd))?;
+            outs.push(out);
+            at += len;
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
