@@ -2,7 +2,9 @@
 //! `scripts/bench_qwen3vl_hf.py` takes of Hugging Face transformers; `scripts/bench_qwen3vl.sh`
 //! runs both in one go on a Qwen3-VL-2B-width checkpoint with random weights and prints the ratio.
 //! Given a GGUF file instead (`--model models/smollm2/*.gguf`), the same measure of our batched
-//! llama decoder (weights re-quantized to Q8_0 as the server does).
+//! llama decoder (weights re-quantized to Q8_0 as the server does); it writes its prompt ids to
+//! `target/bench/gguf-prompts.json` for `scripts/bench_llamacpp.py` (`scripts/bench_gguf.sh`
+//! runs both).
 //!
 //!     cargo bench --bench qwen3vl -- --model DIR|GGUF [--prompt-tokens 290] [--new-tokens 64]
 //!         [--runs 6] [--image PATH] [--dtype f32|bf16] [--batch N]
@@ -176,6 +178,17 @@ fn gguf(
             (100 + state % (vocab - 100)) as u32
         })
         .collect();
+    // The same prompt for the llama.cpp peer (scripts/bench_llamacpp.py), once per timed run.
+    let peer: Vec<_> = (0..runs)
+        .map(|r| serde_json::json!({"note_id": format!("random-{prompt_tokens}-{r}"), "prompt_ids": ids}))
+        .collect();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("gguf-prompts.json"),
+        serde_json::json!({"max_new_tokens": new_tokens, "prompts": peer}).to_string(),
+    )
+    .unwrap();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..=runs {
         let inputs: Vec<_> = (0..batch)
