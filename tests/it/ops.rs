@@ -111,7 +111,10 @@ async fn metrics_endpoint_reports_rpcs_engine_cache_and_store() {
         Some(1.0)
     );
     assert!(sample(&m, "tagllm_decode_tokens_per_second_sum").unwrap() > 0.0);
-    assert_eq!(sample(&m, "tagllm_engine_batch_size_count"), Some(1.0));
+    // One sample per decode step (the default model is batched), each of one sequence here.
+    let steps = sample(&m, "tagllm_engine_batch_size_count").unwrap();
+    assert!(steps >= 1.0, "{steps}");
+    assert_eq!(sample(&m, "tagllm_engine_batch_size_sum"), Some(steps));
     assert_eq!(sample(&m, "tagllm_engine_queue_depth"), Some(0.0));
     assert_eq!(sample(&m, "tagllm_engine_queue_capacity"), Some(64.0));
     assert_eq!(sample(&m, "tagllm_model_ready"), Some(1.0));
