@@ -47,21 +47,19 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# First: sets the offline / tokenizers environment before transformers loads.
+from qwen3vl_common import MODEL_INPUTS, greedy_config, load_image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from transformers import (  # noqa: E402
+import numpy as np
+import torch
+import transformers
+from transformers import (
     AutoProcessor,
     GenerationConfig,
     LogitsProcessor,
@@ -90,12 +88,6 @@ class FirstStep(LogitsProcessor):
             sync(self.device)
             self.t = time.perf_counter()
         return scores
-
-
-def load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)
 
 
 def device_name(device: torch.device) -> str:
@@ -134,23 +126,6 @@ def set_pixel_bounds(processor, image_max_pixels: int) -> dict:
     return {"checkpoint": {"shortest_edge": file_min, "longest_edge": file_max}, "used": dict(ip.size)}
 
 
-def gen_config(new_tokens: int, pad_id: int) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        eos_token_id=None,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        num_beams=1,
-        use_cache=True,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        repetition_penalty=None,
-    )
-
-
 def run_batch(model, processor, batch: list[tuple[int, dict]], gc: GenerationConfig, device, check: bool) -> dict:
     """One batch, timed from image decode to the last token. batch: (note index, prompt) pairs."""
     sync(device)
@@ -170,8 +145,7 @@ def run_batch(model, processor, batch: list[tuple[int, dict]], gc: GenerationCon
                 + f"\n  image grids (t, h, w) in this batch: {grids}; image processor size: {dict(processor.image_processor.size)}"
                 + "\n  (check --image-max-pixels against the server's image_max_pixels, and the checkpoint dir)"
             )
-    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-    inputs = {k: enc[k].to(device) for k in keep if k in enc}
+    inputs = {k: enc[k].to(device) for k in MODEL_INPUTS if k in enc}
     sync(device)
     t_pre = time.perf_counter()
     stamp = FirstStep(device)
@@ -255,7 +229,7 @@ def main() -> None:
     load_s = time.perf_counter() - t
     mem_after_load = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
-    gc = gen_config(new_tokens, pad_id)
+    gc = greedy_config(new_tokens, pad_id)
     # generate() fills fields left None (eos_token_id among them) from model.generation_config, so
     # EOS is only really off while the model's own generation config has none.
     model.generation_config = copy.deepcopy(gc)

@@ -27,21 +27,27 @@ about 2.7 GB at the default depth.
 """
 
 import argparse
-import copy
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# First: sets the offline / tokenizers environment before transformers loads.
+from qwen3vl_common import (
+    REAL_IMAGE_SIZE,
+    SHAPES,
+    TINY,
+    generate_with,
+    greedy_config,
+    load_image,
+    model_inputs,
+    qwen3vl_config,
+)
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from transformers import (
     AutoProcessor,
     GenerationConfig,
     LogitsProcessor,
@@ -49,9 +55,6 @@ from transformers import (  # noqa: E402
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "qwen3vl" / "model"
 
 
 class Stamp(LogitsProcessor):
@@ -64,49 +67,12 @@ class Stamp(LogitsProcessor):
 
 
 def make_config(tok, layers: int, vision_depth: int) -> Qwen3VLConfig:
-    ids = tok.convert_tokens_to_ids
+    """Qwen3-VL-2B widths, `layers` text layers, `vision_depth` vision blocks with DeepStack at
+    blocks 1, 2, 3 where they exist."""
+    text = dict(SHAPES["2b"]["text"], num_hidden_layers=layers)
     deepstack = [i for i in (1, 2, 3) if i < vision_depth]
-    return Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=6144,
-            num_hidden_layers=layers,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            hidden_act="silu",
-            max_position_embeddings=262144,
-            rms_norm_eps=1e-6,
-            attention_bias=False,
-            tie_word_embeddings=True,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [24, 20, 20],
-                "mrope_interleaved": True,
-            },
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=1024,
-            num_heads=16,
-            intermediate_size=4096,
-            patch_size=16,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
-            out_hidden_size=2048,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=deepstack,
-            hidden_act="gelu_pytorch_tanh",
-            in_channels=3,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    vision = dict(SHAPES["2b"]["vision"], depth=vision_depth, deepstack_visual_indexes=deepstack)
+    return qwen3vl_config(tok, text, vision, tie_word_embeddings=True)
 
 
 def build_inputs(processor, prompt_tokens: int, image_path: str | None) -> dict:
@@ -117,9 +83,7 @@ def build_inputs(processor, prompt_tokens: int, image_path: str | None) -> dict:
     content = []
     images = None
     if image_path:
-        with Image.open(image_path) as im:
-            im.load()
-            images = [ImageOps.exif_transpose(im)]
+        images = [load_image(image_path)]
         content.append({"type": "image"})
     # Grow the user text until the prompt reaches the target length, then cut the text tokens.
     text_part = filler
@@ -145,35 +109,15 @@ def build_inputs(processor, prompt_tokens: int, image_path: str | None) -> dict:
         enc["mm_token_type_ids"] = torch.cat(
             [enc["mm_token_type_ids"][0][:cut_start], enc["mm_token_type_ids"][0][cut_end:]]
         )[None]
-    keep_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-    return {k: enc[k] for k in keep_keys if k in enc}
+    return model_inputs(enc)
 
 
 def run_once(model, inputs: dict, new_tokens: int) -> tuple[float, float]:
     stamp = Stamp()
-    gc = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=0,
-        eos_token_id=None,
-        pad_token_id=0,
-        num_beams=1,
-        use_cache=True,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
-    # generate() fills fields left None (eos_token_id among them) from model.generation_config, so
-    # EOS is only really off while the model's own generation config has none.
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(gc)
-    model.model.rope_deltas = None
-    try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, generation_config=gc, logits_processor=LogitsProcessorList([stamp]))
-    finally:
-        model.generation_config = saved
+    gc = greedy_config(new_tokens, 0, min_new_tokens=0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = generate_with(model, inputs, gc, logits_processor=LogitsProcessorList([stamp]))
     assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
     assert len(stamp.times) == new_tokens
     prefill = stamp.times[0] - t0
@@ -199,7 +143,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     processor = AutoProcessor.from_pretrained(TINY)
-    processor.image_processor.size = {"shortest_edge": 65536, "longest_edge": 16777216}
+    processor.image_processor.size = dict(REAL_IMAGE_SIZE)
     cfg = make_config(processor.tokenizer, args.layers, args.vision_depth)
     t = time.perf_counter()
     model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.float32)
@@ -216,7 +160,7 @@ def main() -> None:
         for fname in ("preprocessor_config.json", "video_preprocessor_config.json"):
             d = json.loads((TINY / fname).read_text(encoding="utf-8"))
             if fname == "preprocessor_config.json":
-                d["size"] = {"longest_edge": 16777216, "shortest_edge": 65536}
+                d["size"] = dict(REAL_IMAGE_SIZE)
             (out / fname).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote checkpoint to {out}", file=sys.stderr)
 

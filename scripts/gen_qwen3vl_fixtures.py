@@ -68,25 +68,36 @@ reference.safetensors + reference.json:
                    batch.greedy I64 [2, 16]
 """
 
-import copy
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Single threads, before torch and tokenizers load; qwen3vl_common sets HF_HUB_OFFLINE and
+# TOKENIZERS_PARALLELISM=false.
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from qwen3vl_common import (  # noqa: E402
+    FIXTURE,
+    REPO,
+    generate_with,
+    greedy_config,
+    load_image,
+    model_inputs,
+    qwen3vl_config,
+    text_config,
+    vision_config,
+)
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers.models import BPE  # noqa: E402
@@ -101,9 +112,6 @@ from transformers import (  # noqa: E402
     Qwen3VLVideoProcessor,
 )
 from transformers.image_transforms import convert_to_rgb  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "tests" / "fixtures" / "qwen3vl"
 
 NEW_TOKENS = 16
 MIN_MARGIN = 2e-2
@@ -277,37 +285,24 @@ EXTRA_SENTENCES = [
 ]
 
 MODEL_SHAPE = dict(
-    text=dict(
+    text=text_config(
+        [2, 3, 3],
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        hidden_act="silu",
         max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        attention_bias=False,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5000000.0,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
     ),
-    vision=dict(
+    vision=vision_config(
         depth=3,
         hidden_size=32,
         num_heads=2,
         intermediate_size=64,
-        patch_size=16,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
         out_hidden_size=64,
         num_position_embeddings=64,
         deepstack_visual_indexes=[0, 1],
-        hidden_act="gelu_pytorch_tanh",
-        in_channels=3,
     ),
 )
 
@@ -409,13 +404,6 @@ def write_images(out: Path) -> dict:
     return info
 
 
-def load_image(path: Path) -> Image.Image:
-    """The decoding rule: PIL open, EXIF transpose, PIL image to the processor."""
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)
-
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -501,17 +489,8 @@ def build_tokenizer() -> tuple[Qwen2Tokenizer, dict]:
 
 
 def make_config(tok: Qwen2Tokenizer) -> Qwen3VLConfig:
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(MODEL_SHAPE["text"], vocab_size=len(tok), pad_token_id=None)
-    cfg = Qwen3VLConfig(
-        text_config=text,
-        vision_config=dict(MODEL_SHAPE["vision"]),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    cfg = qwen3vl_config(tok, text, MODEL_SHAPE["vision"], tie_word_embeddings=False)
     cfg.dtype = "float32"
     return cfg
 
@@ -568,11 +547,6 @@ def messages_for(name: str) -> list:
 PROMPT_IMAGES = {"P1": ["a.png", "b.jpg"], "P2": [], "P3": ["c.png"]}
 
 
-def model_inputs(enc) -> dict:
-    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-    return {k: enc[k] for k in keep if k in enc}
-
-
 def greedy_manual(model, inputs: dict, n: int) -> tuple[torch.Tensor, list]:
     """Pure argmax over full re-forwards (no KV cache): the definition of the greedy reference."""
     ids = inputs["input_ids"]
@@ -596,32 +570,8 @@ def greedy_manual(model, inputs: dict, n: int) -> tuple[torch.Tensor, list]:
 
 
 def greedy_generate(model, inputs: dict, n: int, pad_id: int) -> tuple[torch.Tensor, list]:
-    gc = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=n,
-        min_new_tokens=0,
-        eos_token_id=None,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        num_beams=1,
-        use_cache=True,
-        output_logits=True,
-        return_dict_in_generate=True,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        repetition_penalty=None,
-    )
-    # generate() fills fields left None (eos_token_id among them) from model.generation_config, so
-    # EOS is only really off while the model's own generation config has none.
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(gc)
-    model.model.rope_deltas = None
-    try:
-        res = model.generate(**inputs, generation_config=gc)
-    finally:
-        model.generation_config = saved
-        model.model.rope_deltas = None
+    gc = greedy_config(n, pad_id, min_new_tokens=0, output_logits=True, return_dict_in_generate=True)
+    res = generate_with(model, inputs, gc)
     new = res.sequences[:, inputs["input_ids"].shape[1]:]
     margins = []
     for step_logits in res.logits:
@@ -720,7 +670,7 @@ def run_references(model, processor, images, pad_id: int) -> tuple[dict, dict, f
     return tensors, meta, float(min(all_margins))
 
 
-def image_references(processor, images) -> tuple[dict, dict]:
+def image_references(processor, images, img_dir: Path) -> tuple[dict, dict]:
     tensors = {}
     info = {}
     ip = processor.image_processor
@@ -733,7 +683,7 @@ def image_references(processor, images) -> tuple[dict, dict]:
         tensors[f"pixel_values.{key}"] = out["pixel_values"].float().clone()
         tensors[f"grid_thw.{key}"] = out["image_grid_thw"].long().clone()
         t, gh, gw = out["image_grid_thw"][0].tolist()
-        with Image.open(OUT / "images" / name) as f:
+        with Image.open(img_dir / name) as f:
             file_mode, file_size = f.mode, f.size
         info[key] = {
             "file": name,
@@ -769,11 +719,12 @@ def check_unresized_image(img_tensors: dict, key: str) -> None:
 
 
 def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURE
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    model_dir = OUT / "model"
-    img_dir = OUT / "images"
-    OUT.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    img_dir = out / "images"
+    out.mkdir(parents=True, exist_ok=True)
 
     image_notes = write_images(img_dir)
     images = {n: load_image(img_dir / n) for n in sorted(image_notes)}
@@ -813,7 +764,7 @@ def main() -> None:
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     eos_ids = [tok.convert_tokens_to_ids("<|im_end|>"), pad_id]
 
-    img_tensors, img_info = image_references(processor, images)
+    img_tensors, img_info = image_references(processor, images, img_dir)
     check_unresized_image(img_tensors, "b")
 
     chosen = None
@@ -858,7 +809,7 @@ def main() -> None:
             arr = tensors.pop(k).contiguous().numpy().astype("<f4")
             pixel_sha256[k.split(".", 1)[1]] = hashlib.sha256(arr.tobytes()).hexdigest()
     tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
-    save_file(tensors, OUT / "reference.safetensors", metadata={"format": "pt"})
+    save_file(tensors, out / "reference.safetensors", metadata={"format": "pt"})
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     saved_files = sorted(p.name for p in model_dir.iterdir())
@@ -905,13 +856,13 @@ def main() -> None:
         "start+max(rows, cols); rope_delta = max(position)+1-len; padding gets 0",
         **meta,
     }
-    (OUT / "reference.json").write_text(json.dumps(ref, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / "reference.json").write_text(json.dumps(ref, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
     total = 0
-    for p in sorted(OUT.rglob("*")):
+    for p in sorted(out.rglob("*")):
         if p.is_file():
             total += p.stat().st_size
-            print(f"{p.stat().st_size:>10}  {p.relative_to(OUT)}")
+            print(f"{p.stat().st_size:>10}  {p.relative_to(out)}")
     print(f"{total:>10}  total")
     print(f"weights seed {chosen}; min greedy margin {margin:.4g}")
     for name in ("P1", "P2", "P3"):

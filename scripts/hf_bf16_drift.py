@@ -32,34 +32,20 @@ smallest greedy top-1/top-2 margin (a half-precision drift above it can flip gre
 """
 
 import argparse
-import copy
 import json
-import os
 import platform
 import sys
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# First: sets the offline / tokenizers environment before transformers loads.
+from qwen3vl_common import FIXTURE as FIX, generate_with, greedy_config, load_image, model_inputs
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoProcessor, GenerationConfig, Qwen3VLForConditionalGeneration  # noqa: E402
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "tests" / "fixtures" / "qwen3vl"
 PROMPTS = ("P1", "P2", "P3")
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-KEEP = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def load_image(path: Path) -> Image.Image:
-    """The fixtures' decoding rule: PIL open, EXIF transpose, the PIL image to the processor."""
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)
 
 
 def strict_fp32() -> str:
@@ -75,29 +61,8 @@ def strict_fp32() -> str:
 
 
 def greedy(model, inputs: dict, n: int, pad_id: int) -> torch.Tensor:
-    gc = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        eos_token_id=None,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        num_beams=1,
-        use_cache=True,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        repetition_penalty=None,
-    )
-    # generate() fills fields left None (eos_token_id among them) from model.generation_config.
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(gc)
-    model.model.rope_deltas = None
-    try:
-        out = model.generate(**inputs, generation_config=gc)
-    finally:
-        model.generation_config = saved
-        model.model.rope_deltas = None
+    """n greedy tokens (EOS disabled), moved to the CPU."""
+    out = generate_with(model, inputs, greedy_config(n, pad_id))
     return out[:, inputs["input_ids"].shape[1]:].cpu()
 
 
@@ -134,12 +99,12 @@ def main() -> None:
         imgs = [load_image(FIX / "images" / f) for f in rp["images"]]
         enc = processor(text=[text], images=imgs or None, return_tensors="pt")
         assert torch.equal(enc["input_ids"][0], ref_t[f"input_ids.{name}"]), f"{name}: input_ids differ from the fixture"
-        cases[name] = {k: enc[k] for k in KEEP if k in enc}
+        cases[name] = model_inputs(enc)
     texts = [ref["prompts"][n]["text"] for n in ref["batch"]["prompts"]]
     imgs = [load_image(FIX / "images" / f) for n in ref["batch"]["prompts"] for f in ref["prompts"][n]["images"]]
     enc = processor(text=texts, images=imgs, padding=True, padding_side="left", return_tensors="pt")
     assert torch.equal(enc["input_ids"], ref_t["batch.input_ids"]), "batch input_ids differ from the fixture"
-    cases["batch"] = {k: enc[k] for k in KEEP if k in enc}
+    cases["batch"] = model_inputs(enc)
 
     logits, greedies = {}, {}
     for dname, dtype in DTYPES.items():

@@ -11,12 +11,13 @@ nothing is downloaded:
 Keep DIR outside the repository: at full depth the 2B checkpoint is about 4.3 GB in BF16 (8.5 GB
 in F32), the 4B one about 8.9 GB in BF16.
 
-Shapes (the constants SHAPES below). They are the real checkpoints' config.json values, checked
-against public copies of Qwen/Qwen3-VL-2B-Instruct's and Qwen/Qwen3-VL-4B-Instruct's config.json
-(transformers 4.57 layout: rope_theta and rope_scaling {mrope_section, mrope_interleaved} in
-text_config) quoted in several public GitHub repositories. transformers' configuration_qwen3_vl.py
-defaults agree on the shared fields (vocab 151936, head_dim 128, silu, patch 16, temporal patch 2,
-2304 position embeddings, gelu_pytorch_tanh); its other defaults are a larger model's.
+Shapes (SHAPES in scripts/qwen3vl_common.py, shared with scripts/bench_qwen3vl_hf.py). They are
+the real checkpoints' config.json values, checked against public copies of
+Qwen/Qwen3-VL-2B-Instruct's and Qwen/Qwen3-VL-4B-Instruct's config.json (transformers 4.57 layout:
+rope_theta and rope_scaling {mrope_section, mrope_interleaved} in text_config) quoted in several
+public GitHub repositories. transformers' configuration_qwen3_vl.py defaults agree on the shared
+fields (vocab 151936, head_dim 128, silu, patch 16, temporal patch 2, 2304 position embeddings,
+gelu_pytorch_tanh); its other defaults are a larger model's.
   - 2B text: hidden 2048, intermediate 6144, 28 layers, 16 heads, 8 KV heads, head_dim 128,
     vocab 151936, rms_norm_eps 1e-6, rope_theta 5e6, mrope_section [24, 20, 20] interleaved,
     max_position_embeddings 262144, silu, no attention bias, tie_word_embeddings true.
@@ -57,70 +58,24 @@ bytes.
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# First: sets the offline / tokenizers environment before transformers loads.
+from qwen3vl_common import REAL_IMAGE_SIZE, REPO, SHAPES, TINY, qwen3vl_config
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import (
     AutoProcessor,
     GenerationConfig,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "qwen3vl" / "model"
-
-# Qwen3-VL's real image processor bounds (min / max pixels).
-REAL_IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}
-
-_TEXT_COMMON = dict(
-    vocab_size=151936,
-    head_dim=128,
-    num_key_value_heads=8,
-    hidden_act="silu",
-    max_position_embeddings=262144,
-    rms_norm_eps=1e-6,
-    attention_bias=False,
-    tie_word_embeddings=True,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 5000000.0,
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-    },
-)
-_VISION_COMMON = dict(
-    depth=24,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_heads=16,
-    in_channels=3,
-    patch_size=16,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    num_position_embeddings=2304,
-    deepstack_visual_indexes=[5, 11, 17],
-    hidden_act="gelu_pytorch_tanh",
-)
-SHAPES = {
-    "2b": dict(
-        text=dict(_TEXT_COMMON, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
-        vision=dict(_VISION_COMMON, out_hidden_size=2048),
-    ),
-    "4b": dict(
-        text=dict(_TEXT_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
-        vision=dict(_VISION_COMMON, out_hidden_size=2560),
-    ),
-}
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
@@ -139,16 +94,7 @@ def make_config(tok, shape: str, text_layers: int | None, vision_depth: int | No
         rope = text.pop("rope_parameters")
         text["rope_theta"] = rope.pop("rope_theta")
         text["rope_scaling"] = rope
-    ids = tok.convert_tokens_to_ids
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    return qwen3vl_config(tok, text, vision, tie_word_embeddings=True)
 
 
 def rotary_buffers(cfg: Qwen3VLConfig) -> dict:
