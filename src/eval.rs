@@ -2,14 +2,19 @@
 //! decoding issue asks to see: how many outputs parse, how many hold only handbook dimensions within
 //! the limits, how redundant the tags are, and what the constraint costs.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context;
 use tagllm::{
     config::{Config, Decoding},
-    domain::RawNote,
+    distill::{reference_tags, TeacherSteps},
+    domain::{Note, RawNote, Tag},
     server,
-    tagger::Tagger,
+    tagger::{TagRun, Tagger},
 };
 
 #[derive(Default)]
@@ -32,47 +37,211 @@ struct Totals {
     compile_ms: BTreeMap<String, f64>,
 }
 
-/// Runs the evaluation and prints a Markdown report.
+/// Tag-quality counts against reference tags, for one slice (all notes, a category, a dimension).
+#[derive(Default, Clone, Copy)]
+struct Score {
+    /// Predicted tags.
+    pred: u32,
+    /// Reference tags.
+    reference: u32,
+    /// Predicted tags equal (after normalization) to a reference tag of the same dimension.
+    exact: u32,
+    /// Predicted tags that contain or are contained in a reference tag of the same dimension.
+    lenient_pred: u32,
+    /// Reference tags that contain or are contained in a predicted tag of the same dimension.
+    lenient_ref: u32,
+}
+
+impl Score {
+    fn add(&mut self, o: &Score) {
+        self.pred += o.pred;
+        self.reference += o.reference;
+        self.exact += o.exact;
+        self.lenient_pred += o.lenient_pred;
+        self.lenient_ref += o.lenient_ref;
+    }
+
+    /// (precision, recall, F1) in percent, exact and lenient.
+    fn prf(&self) -> [(f64, f64, f64); 2] {
+        let f = |tp_p: u32, tp_r: u32| {
+            let p = if self.pred == 0 {
+                0.0
+            } else {
+                tp_p as f64 / self.pred as f64
+            };
+            let r = if self.reference == 0 {
+                0.0
+            } else {
+                tp_r as f64 / self.reference as f64
+            };
+            let f1 = if p + r == 0.0 {
+                0.0
+            } else {
+                2.0 * p * r / (p + r)
+            };
+            (100.0 * p, 100.0 * r, 100.0 * f1)
+        };
+        [
+            f(self.exact, self.exact),
+            f(self.lenient_pred, self.lenient_ref),
+        ]
+    }
+}
+
+/// Scores of one decoding mode: overall, per handbook entry, per dimension key.
+#[derive(Default)]
+struct Quality {
+    notes: u32,
+    all: Score,
+    by_category: BTreeMap<String, Score>,
+    by_dimension: BTreeMap<String, Score>,
+}
+
+impl Quality {
+    fn add(&mut self, category: &str, per_dim: BTreeMap<String, Score>) {
+        self.notes += 1;
+        for (dim, s) in per_dim {
+            self.all.add(&s);
+            self.by_category
+                .entry(category.to_string())
+                .or_default()
+                .add(&s);
+            self.by_dimension.entry(dim).or_default().add(&s);
+        }
+    }
+}
+
+fn print_scores<'a>(title: &str, rows: impl Iterator<Item = (&'a str, &'a Score)>) {
+    println!("\n{title}\n");
+    println!("| slice | tags (pred / ref) | P | R | F1 | lenient P | lenient R | lenient F1 |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (name, s) in rows {
+        let [(p, r, f), (lp, lr, lf)] = s.prf();
+        println!(
+            "| {name} | {} / {} | {p:.1} | {r:.1} | **{f:.1}** | {lp:.1} | {lr:.1} | {lf:.1} |",
+            s.pred, s.reference
+        );
+    }
+}
+
+/// Whether two normalized values of one dimension match leniently: one contains the other once
+/// spaces are removed ("air jordan 1" and "aj1" do not; "dunk low" and "nike dunk low" do).
+fn lenient_match(a: &str, b: &str) -> bool {
+    let a: String = a.chars().filter(|c| !c.is_whitespace()).collect();
+    let b: String = b.chars().filter(|c| !c.is_whitespace()).collect();
+    !a.is_empty() && !b.is_empty() && (a.contains(&b) || b.contains(&a))
+}
+
+/// Scores `pred` against `reference` per dimension; returns the per-dimension scores.
+fn score_note(pred: &[Tag], reference: &[Tag]) -> BTreeMap<String, Score> {
+    let mut out: BTreeMap<String, Score> = BTreeMap::new();
+    for t in pred {
+        let s = out.entry(t.dimension.clone()).or_default();
+        s.pred += 1;
+        let same_dim = || reference.iter().filter(|r| r.dimension == t.dimension);
+        s.exact += same_dim().any(|r| r.value == t.value) as u32;
+        s.lenient_pred += same_dim().any(|r| lenient_match(&r.value, &t.value)) as u32;
+    }
+    for r in reference {
+        let s = out.entry(r.dimension.clone()).or_default();
+        s.reference += 1;
+        s.lenient_ref += pred
+            .iter()
+            .any(|t| t.dimension == r.dimension && lenient_match(&r.value, &t.value))
+            as u32;
+    }
+    out
+}
+
+/// One note to tag, with what the report needs about it.
+struct Item {
+    note: Note,
+    injection: bool,
+    /// The teacher's tags when the line is a teacher record (`datasets/distill` format).
+    reference: Option<BTreeMap<String, Vec<String>>>,
+}
+
+fn read_items(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Item>> {
+    let files = if path.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        f.sort();
+        f
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut items = Vec::new();
+    for file in &files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let at = || format!("{} line {}", file.display(), i + 1);
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(line).with_context(at)?;
+            let injection = fields
+                .get("injection")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let reference = match fields.get("teacher") {
+                Some(t) => Some(
+                    serde_json::from_value::<TeacherSteps>(t.clone())
+                        .with_context(at)?
+                        .tags,
+                ),
+                None => None,
+            };
+            fields.retain(|k, _| {
+                matches!(
+                    k.as_str(),
+                    "note_id" | "category" | "title" | "body" | "images" | "updated_at_ms"
+                )
+            });
+            let raw: RawNote =
+                serde_json::from_value(serde_json::Value::Object(fields)).with_context(at)?;
+            items.push(Item {
+                note: raw.validate(&cfg.limits).with_context(at)?,
+                injection,
+                reference,
+            });
+        }
+    }
+    anyhow::ensure!(!items.is_empty(), "no notes in {}", path.display());
+    Ok(items)
+}
+
+/// Runs the evaluation and prints a Markdown report. `path` is a JSONL file or a directory of
+/// them; lines in the teacher-record format (`datasets/distill`) are also scored against their tags.
 pub async fn run(
     cfg: Config,
     path: PathBuf,
     modes: Vec<String>,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut notes = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let mut fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        let injection = fields
-            .get("injection")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        fields.retain(|k, _| {
-            matches!(
-                k.as_str(),
-                "note_id" | "category" | "title" | "body" | "images" | "updated_at_ms"
-            )
-        });
-        let raw: RawNote = serde_json::from_value(serde_json::Value::Object(fields))
-            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        notes.push((raw.validate(&cfg.limits)?, injection));
-    }
+    let items = Arc::new(read_items(&path, &cfg)?);
     let (handbook, _schema) = server::load_guidance(&cfg)?;
     let (engine, _thread) = server::start_engine(&cfg)?;
     let info = engine.wait_ready().await.map_err(anyhow::Error::msg)?;
+    let scored = items.iter().filter(|i| i.reference.is_some()).count();
     println!(
-        "model {}, {} notes from {}\n",
+        "model {}, {} notes from {} ({scored} with reference tags)\n",
         info.version,
-        notes.len(),
+        items.len(),
         path.display()
     );
+    // Notes run concurrently so the engine can batch them; results are read back in input order.
+    let window = cfg
+        .model
+        .max_batch
+        .clamp(1, cfg.model.queue_capacity.max(1));
     let mut report = Vec::new();
+    let mut quality = Vec::new();
     for mode in &modes {
         let decoding = match mode.as_str() {
             "constrained" => Decoding::Constrained,
@@ -81,16 +250,41 @@ pub async fn run(
         };
         let mut model_cfg = cfg.model.clone();
         model_cfg.decoding = decoding;
-        let tagger = Tagger::new(
+        let tagger = Arc::new(Tagger::new(
             Arc::clone(&handbook),
             engine.clone(),
             cfg.limits.clone(),
             &model_cfg,
-        );
+        ));
+        let progress = indicatif::ProgressBar::new(items.len() as u64).with_message(mode.clone());
+        let sem = Arc::new(tokio::sync::Semaphore::new(window));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..items.len() {
+            let (tagger, items, sem) = (Arc::clone(&tagger), Arc::clone(&items), Arc::clone(&sem));
+            let permit = sem.acquire_owned().await?;
+            tasks.spawn(async move {
+                let r = tagger.run(&items[i].note).await;
+                drop(permit);
+                (i, r)
+            });
+        }
+        let mut runs: Vec<Option<TagRun>> = (0..items.len()).map(|_| None).collect();
+        while let Some(done) = tasks.join_next().await {
+            let (i, r) = done?;
+            runs[i] = Some(r.with_context(|| format!("note {}", items[i].note.id.as_str()))?);
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        let mut q = Quality::default();
         let mut t = Totals::default();
-        for (note, injection) in &notes {
-            let run = tagger.run(note).await?;
+        for (item, run) in items.iter().zip(runs.iter().flatten()) {
+            let (note, injection) = (&item.note, &item.injection);
             let p = &run.parsed;
+            if let Some(reference) = &item.reference {
+                let category = handbook.resolve(&note.category);
+                let record_tags = reference_tags(reference, category);
+                q.add(&category.key, score_note(&p.tags, &record_tags));
+            }
             t.notes += 1;
             t.well_formed += p.well_formed as u32;
             t.on_handbook += (p.well_formed && p.dropped.off_handbook == 0) as u32;
@@ -137,6 +331,7 @@ pub async fn run(
             }
         }
         report.push((mode.clone(), t));
+        quality.push((mode.clone(), q));
     }
     let pct = |a: u32, b: u32| {
         if b == 0 {
@@ -175,6 +370,23 @@ pub async fn run(
                 list.join(", ")
             );
         }
+    }
+    for (mode, q) in &quality {
+        if q.notes == 0 {
+            continue;
+        }
+        print_scores(
+            &format!(
+                "{mode}: tags against the reference ({} notes; % exact after normalization, lenient = containment)",
+                q.notes
+            ),
+            std::iter::once(("all", &q.all))
+                .chain(q.by_category.iter().map(|(k, v)| (k.as_str(), v))),
+        );
+        print_scores(
+            &format!("{mode}: by dimension"),
+            q.by_dimension.iter().map(|(k, v)| (k.as_str(), v)),
+        );
     }
     Ok(())
 }

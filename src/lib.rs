@@ -36,6 +36,7 @@
 pub mod auth;
 pub mod backfill;
 pub mod config;
+pub mod distill;
 pub mod domain;
 pub mod error;
 pub mod features;
@@ -51,4 +52,5 @@ pub mod server;
 pub mod store;
 pub mod tagger;
 pub mod tags;
+pub mod teacher;
 pub mod upstream;

@@ -26,8 +26,9 @@ enum Command {
     /// Tag every note of a JSONL file with each decoding mode and report output validity,
     /// redundancy and speed (no server, no store).
     Eval {
-        /// Notes, one JSON object per line (extra fields such as `lang` and `injection` are read
-        /// for the report).
+        /// Notes, one JSON object per line, or a directory of such files (extra fields such as
+        /// `injection` are read for the report; teacher records, the `datasets/distill` format, are
+        /// also scored against their tags: precision, recall and F1).
         notes: PathBuf,
         /// Decoding modes to compare.
         #[arg(long, value_delimiter = ',', default_values_t = vec!["constrained".to_string(), "unconstrained".to_string()])]
@@ -82,6 +83,55 @@ enum Command {
         #[arg(long, requires = "cert_file")]
         key_file: Option<PathBuf>,
     },
+    /// Build a tag-distillation dataset: ask a teacher (any OpenAI-compatible chat endpoint) the
+    /// three CoT-extraction steps for each note (resumable: notes already in OUT/records.jsonl
+    /// are skipped), or take existing teacher records (--from-records); then write the SFT files:
+    /// OUT/messages.jsonl (the server's own prompt, the teacher's tags as the answer),
+    /// OUT/messages_cot.jsonl (the three steps before the answer) and OUT/tokens.jsonl (prompt
+    /// and completion ids for the configured model, for scripts/distill.py). Exits 1 when a note
+    /// failed (OUT/failures.jsonl).
+    BuildData {
+        /// Notes to extract, one JSON object per line: {"note_id", "category", "title", "body",
+        /// "images": [local path or file:// URI], "lang"}.
+        #[arg(long, required_unless_present = "records", conflicts_with = "records")]
+        notes: Option<PathBuf>,
+        /// Teacher-record files or directories (the datasets/distill format) instead of a teacher.
+        #[arg(long = "from-records", num_args = 1..)]
+        records: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Teacher API base URL, e.g. http://127.0.0.1:8000/v1.
+        #[arg(long, env = "TAGLLM_TEACHER_URL", required_unless_present = "records")]
+        teacher_url: Option<String>,
+        /// Teacher model name.
+        #[arg(long, env = "TAGLLM_TEACHER_MODEL", default_value = "teacher")]
+        teacher_model: String,
+        /// Teacher API key (sent as a bearer token).
+        #[arg(long, env = "TAGLLM_TEACHER_KEY", hide_env_values = true)]
+        teacher_key: Option<String>,
+        /// Notes in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Retries per request on connection errors, timeouts, 429 and 5xx (exponential backoff
+        /// from 0.5 s, or the server's Retry-After).
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+        /// Answer token limits of steps 1, 2 and 3.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u32, 1024, 512])]
+        max_tokens: Vec<u32>,
+        /// Extract at most this many new notes (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
     /// no store.
     Tag {
@@ -100,6 +150,10 @@ struct CommonArgs {
     /// Model: a GGUF file, or a Qwen3-VL checkpoint directory (reads images).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// LoRA adapter (PEFT format) merged into the GGUF model: a directory, `auto` (the model's
+    /// `.lora` directory when it exists: the default model's distilled student) or `none`.
+    #[arg(long)]
+    adapter: Option<String>,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long)]
     device: Option<String>,
@@ -130,6 +184,9 @@ fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = &common.device {
         cfg.model.device = d.clone();
+    }
+    if let Some(a) = &common.adapter {
+        cfg.model.adapter = a.clone();
     }
     if let Some(h) = &common.handbook {
         cfg.handbook = h.clone();
@@ -223,6 +280,77 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             }
+        }
+        Command::BuildData {
+            notes,
+            records,
+            out,
+            teacher_url,
+            teacher_model,
+            teacher_key,
+            concurrency,
+            retries,
+            timeout_secs,
+            max_tokens,
+            limit,
+            quiet,
+            common,
+        } => {
+            let cfg = load_config(&common)?;
+            server::init_logging(&cfg.log);
+            cfg.validate()?;
+            let (handbook, _schema) = server::load_guidance(&cfg)?;
+            let mut failed = 0;
+            let sources = match notes {
+                Some(notes) => {
+                    anyhow::ensure!(
+                        max_tokens.len() == 3,
+                        "--max-tokens takes three limits, one per step: e.g. 256,1024,512"
+                    );
+                    let opts = tagllm::teacher::TeacherOptions {
+                        url: teacher_url.context("--teacher-url is required with --notes")?,
+                        model: teacher_model,
+                        api_key: teacher_key,
+                        concurrency,
+                        retries,
+                        timeout: std::time::Duration::from_secs(timeout_secs),
+                        max_tokens: [max_tokens[0], max_tokens[1], max_tokens[2]],
+                        limit,
+                        progress: !quiet,
+                    };
+                    let input = tagllm::teacher::read_notes(&notes)?;
+                    let summary = rt.block_on(tagllm::teacher::extract_all(
+                        input,
+                        handbook.clone(),
+                        cfg.limits.clone(),
+                        opts,
+                        &out,
+                    ))?;
+                    println!("{summary}");
+                    failed = summary.failed.len();
+                    vec![out.join("records.jsonl")]
+                }
+                None => records,
+            };
+            let records = tagllm::distill::read_records(&sources)?;
+            // For its tokenizer and chat template only.
+            let model = tagllm::model::TextModel::load(&cfg.model.path, cfg.model.requantize)
+                .with_context(|| format!("loading {}", cfg.model.path.display()))?;
+            let (written, skipped) =
+                tagllm::distill::write_sft(&records, &handbook, &cfg.limits, Some(&model), &out)?;
+            for s in &skipped {
+                eprintln!("not an SFT example: {s}");
+            }
+            println!(
+                "{written} SFT examples from {} records in {}",
+                records.len(),
+                out.display()
+            );
+            if failed > 0 {
+                println!("failed notes: {}", out.join("failures.jsonl").display());
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Tag { note, common } => {
             let cfg = load_config(&common)?;

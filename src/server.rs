@@ -68,6 +68,7 @@ pub fn start_engine(cfg: &Config) -> anyhow::Result<(EngineHandle, std::thread::
         prefix_cache_entries: cfg.model.prefix_cache_entries,
         queue_capacity: cfg.model.queue_capacity,
         context_tokens: cfg.model.context_tokens,
+        adapter: cfg.model.adapter_dir(),
     })
     .context("starting the engine thread")
 }

@@ -14,8 +14,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    chat::Message, qwen3vl::image_proc::ProcessedImage, EncodedPrompt, GenParams, Generation,
-    LoadOptions, ModelError, ModelInfo, Sequence, TextModel,
+    chat::Message, prefix::PrefixCache, qwen3vl::image_proc::ProcessedImage, EncodedPrompt,
+    GenParams, Generation, LoadOptions, ModelError, ModelInfo, Sequence, TextModel,
 };
 use crate::config::Requantize;
 
@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Prompt + generation limit.
     pub context_tokens: usize,
+    /// LoRA adapter merged at load.
+    pub adapter: Option<PathBuf>,
 }
 
 /// Where the engine is in its life.
@@ -255,6 +257,7 @@ fn run(
         image_max_pixels: cfg.image_max_pixels,
         max_batch: cfg.max_batch,
         prefix_cache: cfg.prefix_cache_entries,
+        adapter: cfg.adapter.clone(),
     };
     let mut model = match TextModel::load_with(&cfg.model_path, &opts) {
         Ok(m) => m,
@@ -426,6 +429,7 @@ struct Admitted {
     shared_prefix: usize,
     truncated: bool,
     queue: Duration,
+    /// Prompt tokens (image tokens included), before any prefix reuse.
     cost: usize,
 }
 
@@ -492,11 +496,21 @@ fn run_batched(
                     }
                 }
             };
-            if !batch.is_empty() && next.cost > budget {
+            // Tokens this prompt will actually compute: its shared prefix is free when the
+            // prefix cache holds it or a newcomer of this step computes it.
+            let head = &next.prompt[..next.shared_prefix];
+            let reused = next.shared_prefix >= PrefixCache::<()>::MIN_TOKENS
+                && next.shared_prefix < next.prompt.len()
+                && (model.prefix_cached(head)
+                    || batch
+                        .iter()
+                        .any(|(a, _)| a.prompt.get(..a.shared_prefix) == Some(head)));
+            let cost = next.cost - if reused { next.shared_prefix } else { 0 };
+            if !batch.is_empty() && cost > budget {
                 waiting = Some(next); // first in the next step
                 break;
             }
-            budget = budget.saturating_sub(next.cost);
+            budget = budget.saturating_sub(cost);
             let slot = free.pop().expect("a free slot");
             batch.push((next, slot));
         }

@@ -19,7 +19,7 @@ use candle_core::{
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::qwen3vl::text::{causal_mask, KvCache, SeqSlice};
+use super::qwen3vl::text::{packed_attention, step_masks, KvCache, SeqSlice};
 
 struct Layer {
     wq: QMatMul,
@@ -163,15 +163,7 @@ impl Llama {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
 
         // Each sequence's causal mask, built once for every layer.
-        let rep = self.heads / self.kv_heads;
-        let masks = seqs
-            .iter()
-            .map(|s| {
-                (s.tokens > 1)
-                    .then(|| causal_mask(rep, s.tokens, s.cache.len(), &self.device))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -216,37 +208,6 @@ impl Llama {
         let v = heads(layer.wv.forward(h)?, self.kv_heads)?.squeeze(0)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
-        let rep = self.heads / self.kv_heads;
-        let scale = (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for (s, mask) in seqs.iter_mut().zip(masks) {
-            let len = s.tokens;
-            let past = s.cache.len();
-            let (kc, vc) = &s.cache.layers[li];
-            kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
-            vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
-            let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
-            let vals = vc.narrow(1, 0, past + len)?;
-            // The `rep` query heads sharing a key/value head form one [rep*len, hd] block.
-            let qs = q
-                .narrow(1, at, len)?
-                .contiguous()?
-                .reshape((self.kv_heads, rep * len, hd))?;
-            let scores = (qs.matmul(&keys.t()?)? / scale)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = probs
-                .matmul(&vals)?
-                .reshape((self.heads, len, hd))?
-                .transpose(0, 1)?
-                .reshape((len, self.heads * hd))?;
-            outs.push(out);
-            at += len;
-        }
-        Tensor::cat(&outs, 0)
+        packed_attention(li, &q, &k, &v, seqs, masks)
     }
 }

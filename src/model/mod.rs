@@ -2,6 +2,7 @@
 //! chat template from the file's metadata, and greedy generation. The model is owned by the engine
 //! thread ([`engine`]); nothing here runs on a Tokio worker.
 
+pub mod adapter;
 pub mod chat;
 pub mod constrain;
 pub mod engine;
@@ -13,7 +14,7 @@ pub mod tokenizer;
 use std::{
     fs::File,
     io::{Cursor, Read, Seek},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
 };
@@ -30,6 +31,10 @@ use crate::tags::ValueTracker;
 use chat::{ChatTemplate, Message, CHATML, CHATML_VL};
 use qwen3vl::image_proc::{ProcessedImage, ProcessorConfig};
 use tokenizer::SpecialTokens;
+
+/// Shared message heads whose token ids are memoized (one per category in practice); the memo
+/// is emptied when full.
+const HEAD_MEMO_ENTRIES: usize = 256;
 
 /// A model failure.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +103,7 @@ enum Weights {
 struct LlamaWeights {
     model: llama::Llama,
     /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
-    slots: Vec<VlSlot>,
+    slots: Vec<Slot>,
 }
 
 /// The state after a shared prompt prefix: each layer's keys and values over its positions.
@@ -107,20 +112,20 @@ type PrefixState = Vec<(Tensor, Tensor)>;
 struct VlWeights {
     model: qwen3vl::Qwen3Vl,
     /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
-    slots: Vec<VlSlot>,
+    slots: Vec<Slot>,
 }
 
 /// One batch slot: a lazily allocated cache of `cap` positions and its sequence's rope delta
 /// (Qwen3-VL; 0 otherwise).
-struct VlSlot {
+struct Slot {
     cache: Option<qwen3vl::KvCache>,
     cap: usize,
     rope_delta: i64,
 }
 
-impl VlSlot {
-    fn new(cap: usize) -> VlSlot {
-        VlSlot {
+impl Slot {
+    fn new(cap: usize) -> Slot {
+        Slot {
             cache: None,
             cap,
             rope_delta: 0,
@@ -157,7 +162,7 @@ impl Weights {
             _ => Weights::Llama(Box::new(LlamaWeights {
                 model: llama::Llama::from_gguf(&ct, r, device)?,
                 slots: (0..opts.max_batch.max(1))
-                    .map(|_| VlSlot::new(opts.context_tokens))
+                    .map(|_| Slot::new(opts.context_tokens))
                     .collect(),
             })),
         })
@@ -188,11 +193,13 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Images are resized to at most this many pixels (one LLM token per 32x32 pixels).
     pub image_max_pixels: usize,
-    /// Sequences decoded together (models that batch: Qwen3-VL); each has its own KV cache of
-    /// `context_tokens` positions, allocated on first use.
+    /// Sequences decoded together (models that batch: Qwen3-VL and llama-family GGUFs); each has
+    /// its own KV cache, which grows with use up to `context_tokens` positions.
     pub max_batch: usize,
     /// Model states after shared prompt prefixes kept for reuse (GGUF models; 0 disables).
     pub prefix_cache: usize,
+    /// A LoRA adapter in PEFT's format, merged into a GGUF model at load ([`adapter`]).
+    pub adapter: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -206,6 +213,7 @@ impl LoadOptions {
             image_max_pixels: 200_704,
             max_batch: 1,
             prefix_cache: 8,
+            adapter: None,
         }
     }
 }
@@ -266,6 +274,8 @@ pub struct TextModel {
     device: Device,
     /// States after shared prompt prefixes (GGUF models).
     prefixes: prefix::PrefixCache<PrefixState>,
+    /// Token ids of shared message heads, by text ([`TextModel::head_ids`]).
+    head_memo: std::sync::Mutex<std::collections::HashMap<String, Arc<[u32]>>>,
     /// Prompt tokens the last [`TextModel::prefill`] took from the prefix cache.
     last_cached: usize,
     /// What it is.
@@ -348,27 +358,49 @@ fn file_digest(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Rewrites a GGUF in memory with its Q4_1 matrices as Q8_0 (see [`Requantize::Q8_0`]).
-fn requantize_q4_1<R: Read + Seek>(
+/// Rewrites a GGUF in memory: an adapter's updates merged into their matrices (stored as Q8_0),
+/// and, with `q4_1_to_q8_0`, the other Q4_1 matrices as Q8_0 (see [`Requantize::Q8_0`]). `None`
+/// when nothing changes.
+fn rewrite_gguf<R: Read + Seek>(
     ct: &gguf_file::Content,
     reader: &mut R,
+    q4_1_to_q8_0: bool,
+    adapter: Option<&adapter::LoraAdapter>,
 ) -> candle_core::Result<Option<Cursor<Vec<u8>>>> {
-    if !ct
-        .tensor_infos
-        .values()
-        .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
-    {
+    let requant = q4_1_to_q8_0
+        && ct
+            .tensor_infos
+            .values()
+            .any(|t| t.ggml_dtype == GgmlDType::Q4_1);
+    if !requant && adapter.is_none() {
         return Ok(None);
+    }
+    if let Some(a) = adapter {
+        if let Some(missing) = a.deltas.keys().find(|k| !ct.tensor_infos.contains_key(*k)) {
+            candle_core::bail!("adapter {}: the model has no {missing}", a.name);
+        }
     }
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
         let t = ct.tensor(reader, name, &Device::Cpu)?;
-        let t = if t.dtype() == GgmlDType::Q4_1 {
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-        } else {
-            t
+        let t = match adapter.and_then(|a| a.deltas.get(name)) {
+            Some(delta) => {
+                let w = t.dequantize(&Device::Cpu)?;
+                if w.dims() != delta.dims() {
+                    candle_core::bail!(
+                        "adapter update for {name} is {:?}, the matrix is {:?}",
+                        delta.dims(),
+                        w.dims()
+                    );
+                }
+                QTensor::quantize(&(w + delta)?, GgmlDType::Q8_0)?
+            }
+            None if requant && t.dtype() == GgmlDType::Q4_1 => {
+                QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            }
+            None => t,
         };
         tensors.push((name.as_str(), t));
     }
@@ -388,10 +420,17 @@ impl TextModel {
     }
 
     /// Loads `path`: a directory is a Hugging Face checkpoint (Qwen3-VL, our own implementation,
-    /// [`qwen3vl`]); a file is a quantized GGUF text model of the llama family (`llama` or `qwen2`
-    /// architecture, through candle-transformers' quantized implementations).
+    /// [`qwen3vl`]); a file is a quantized GGUF text model of the llama family: `llama` (our
+    /// batched decoder, [`llama`]) or `qwen2` (candle-transformers' quantized implementation, one
+    /// sequence at a time).
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<TextModel, ModelError> {
         if path.is_dir() {
+            if let Some(a) = &opts.adapter {
+                return Err(load_err(
+                    a,
+                    "adapters are merged into GGUF models only (Qwen3-VL checkpoints: merge it with PEFT first)",
+                ));
+            }
             return TextModel::load_hf_dir(path, opts);
         }
         let requantize = opts.requantize;
@@ -419,15 +458,37 @@ impl TextModel {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let name = md_str("general.name").unwrap_or_else(|| stem.clone());
-        let requantized = match requantize {
-            Requantize::None => None,
-            Requantize::Q8_0 => requantize_q4_1(&ct, &mut file).map_err(|e| load_err(path, e))?,
+        let adapter = match &opts.adapter {
+            Some(dir) => {
+                let md_u = |k: &str| {
+                    ct.metadata
+                        .get(&format!("{architecture}.{k}"))
+                        .and_then(|v| v.to_u32().ok())
+                        .unwrap_or(0) as usize
+                };
+                let layout = adapter::Layout {
+                    permuted_qk: architecture == "llama",
+                    heads: md_u("attention.head_count"),
+                    kv_heads: md_u("attention.head_count_kv"),
+                };
+                Some(adapter::LoraAdapter::load(dir, layout).map_err(|e| load_err(dir, e))?)
+            }
+            None => None,
         };
-        let format = if requantized.is_some() {
-            "q8_0"
-        } else {
-            "as-stored"
+        let requantized = rewrite_gguf(
+            &ct,
+            &mut file,
+            requantize == Requantize::Q8_0,
+            adapter.as_ref(),
+        )
+        .map_err(|e| load_err(path, e))?;
+        let mut format = match requantize {
+            Requantize::Q8_0 if requantized.is_some() => "q8_0".to_string(),
+            _ => "as-stored".to_string(),
         };
+        if let Some(a) = &adapter {
+            format.push_str(&format!("+{}@{}", a.name, &a.digest[..12]));
+        }
         let weights = match requantized {
             Some(mut buf) => {
                 let ct2 = gguf_file::Content::read(&mut buf).map_err(|e| load_err(path, e))?;
@@ -452,6 +513,7 @@ impl TextModel {
             template,
             constrainer,
             prefixes: prefix::PrefixCache::new(prefix_cache),
+            head_memo: Default::default(),
             last_cached: 0,
             info: ModelInfo {
                 version: format!("{stem}@{}:{format}", &digest[..12]),
@@ -521,7 +583,7 @@ impl TextModel {
             weights: Weights::Vl(Box::new(VlWeights {
                 model,
                 slots: (0..opts.max_batch.max(1))
-                    .map(|_| VlSlot {
+                    .map(|_| Slot {
                         cache: None,
                         cap: opts.context_tokens,
                         rope_delta: 0,
@@ -536,6 +598,7 @@ impl TextModel {
             device: device.clone(),
             // Qwen3-VL keeps per-slot caches; its prefix reuse is not built yet.
             prefixes: prefix::PrefixCache::new(0),
+            head_memo: Default::default(),
             last_cached: 0,
             info: ModelInfo {
                 // The pixel cap shapes what the model sees: a different cap is a different version.
@@ -580,6 +643,21 @@ impl TextModel {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         &self.tokenizer
+    }
+
+    /// Ids of `text` as message content: plain text, special-token strings not parsed.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::new();
+        self.encode_into(&self.text_tokenizer, text, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// The token that ends an assistant turn: the chat template's end-of-turn token (ChatML's
+    /// `<|im_end|>`), else the first stop token.
+    pub fn end_of_turn(&self) -> Option<u32> {
+        self.tokenizer
+            .token_to_id(&self.special.eos_text)
+            .or_else(|| self.special.stop.first().copied())
     }
 
     /// Renders `messages` with the chat template, opens the assistant turn and appends
@@ -639,8 +717,7 @@ impl TextModel {
                 // (A cut to fit the context may have shortened the content below its head.)
                 let head = message.content.get(..message.shared_head).unwrap_or("");
                 if !head.is_empty() {
-                    let mut head_ids = Vec::new();
-                    self.encode_into(&self.text_tokenizer, head, &mut head_ids)?;
+                    let head_ids = self.head_ids(head)?;
                     if ids[content_start..].starts_with(&head_ids) {
                         shared += head_ids.len();
                     }
@@ -657,6 +734,23 @@ impl TextModel {
             )));
         }
         Ok((ids, shared))
+    }
+
+    /// Ids of a message's shared head on its own, memoized: every note of a category has the
+    /// same head (its guidance, ~600 tokens), so it is tokenized once, not once per note.
+    fn head_ids(&self, head: &str) -> Result<Arc<[u32]>, ModelError> {
+        let mut memo = self.head_memo.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ids) = memo.get(head) {
+            return Ok(ids.clone());
+        }
+        let mut ids = Vec::new();
+        self.encode_into(&self.text_tokenizer, head, &mut ids)?;
+        let ids: Arc<[u32]> = ids.into();
+        if memo.len() >= HEAD_MEMO_ENTRIES {
+            memo.clear();
+        }
+        memo.insert(head.to_string(), ids.clone());
+        Ok(ids)
     }
 
     fn encode_into(
@@ -801,6 +895,12 @@ impl TextModel {
 
     /// Prompt tokens the last single-sequence prefill took from the prefix cache, and the total
     /// since load.
+    /// Whether the model state after exactly `ids` is in the prefix cache (so a prompt starting
+    /// with them computes only the rest).
+    pub fn prefix_cached(&self, ids: &[u32]) -> bool {
+        self.prefixes.contains(ids)
+    }
+
     pub fn prefix_cache_hits(&self) -> (usize, u64) {
         (self.last_cached, self.prefixes.hit_tokens)
     }
@@ -1164,8 +1264,17 @@ fn llama_prefill(
                 .layers
                 .iter()
                 .map(|(k, v)| {
-                    // A compact copy of its own, never a view of the slot's cache.
-                    let own = |t: &Tensor| t.narrow(1, 0, ids.len())?.contiguous()?.copy();
+                    // A compact copy of its own, never a view of the slot's cache (a
+                    // non-contiguous narrow is copied by `contiguous`; a contiguous one is a
+                    // view, so it is copied explicitly).
+                    let own = |t: &Tensor| {
+                        let v = t.narrow(1, 0, ids.len())?;
+                        if v.is_contiguous() {
+                            v.copy()
+                        } else {
+                            v.contiguous()
+                        }
+                    };
                     Ok((own(k)?, own(v)?))
                 })
                 .collect::<candle_core::Result<PrefixState>>()
@@ -1212,7 +1321,7 @@ fn restore(cache: &mut qwen3vl::KvCache, state: &PrefixState) -> Result<(), Mode
 }
 
 fn slot_caches(
-    slots: &mut [VlSlot],
+    slots: &mut [Slot],
     which: impl Iterator<Item = usize>,
 ) -> Result<Vec<&mut qwen3vl::KvCache>, ModelError> {
     let which: Vec<usize> = which.collect();

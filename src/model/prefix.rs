@@ -52,6 +52,11 @@ impl<T> PrefixCache<T> {
         Some(&e.state)
     }
 
+    /// Whether the state after exactly `ids` is held (no hit counted, recency unchanged).
+    pub fn contains(&self, ids: &[u32]) -> bool {
+        self.entries.iter().any(|e| e.ids == ids)
+    }
+
     /// Stores the state after `ids`, evicting the least recently used entry when full.
     pub fn insert(&mut self, ids: &[u32], state: T) {
         if self.capacity == 0 {

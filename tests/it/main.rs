@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod constrain;
 mod crash;
+mod distill;
 mod hostile;
 mod image_proc;
 mod model;

@@ -1,7 +1,10 @@
 //! The model against llama.cpp, on fixtures that `scripts/gen_llamacpp_fixtures.py` regenerates
 //! with llama-cpp-python from the same GGUF file.
 
-use tagllm::{config::Requantize, model::TextModel};
+use tagllm::{
+    config::Requantize,
+    model::{LoadOptions, TextModel},
+};
 
 use crate::common::{model_path, root};
 
@@ -436,6 +439,7 @@ async fn engine_batches_the_default_model() {
         max_batch: 4,
         max_batch_tokens: 4096,
         prefix_cache_entries: 8,
+        adapter: None,
         queue_capacity: 16,
         context_tokens: 4096,
     })
@@ -470,4 +474,60 @@ async fn engine_batches_the_default_model() {
     assert!((2..=4).contains(&peak), "peak batch {peak}");
     assert!(cached > 0, "no prompt reused a guidance prefix");
     eprintln!("peak batch {peak}; {cached} prompt tokens from the prefix cache");
+}
+
+/// A LoRA adapter in PEFT's format, merged at load, gives transformers + PEFT's logits
+/// (`tests/fixtures/adapter`, made by `scripts/gen_adapter_fixtures.py` on the same GGUF,
+/// dequantized). The adapter moves the top-64 logits by up to ~17, so a merge that drops, misplaces
+/// (q/k rows are permuted for llama.cpp's rope) or mis-scales an update lands far outside the
+/// bound. The bound is the base model's own distance from transformers' F32 run: the merged
+/// matrices are Q8_0 and candle quantizes activations to 8 bits, as in `logits_match_llama_cpp`.
+#[test]
+fn adapter_merge_matches_peft() {
+    let fx = fixture("adapter/reference.json");
+    let opts = LoadOptions {
+        adapter: Some(root().join("tests/fixtures/adapter")),
+        ..LoadOptions::cpu(Requantize::Q8_0)
+    };
+    let mut model = TextModel::load_with(&model_path(), &opts).unwrap();
+    assert!(
+        model.info.version.contains("+adapter@"),
+        "{}",
+        model.info.version
+    );
+    let (mut worst, mut nearest_base) = (0f32, f32::MAX);
+    for c in fx["cases"].as_array().unwrap() {
+        let floats = |k: &str| -> Vec<f32> {
+            c[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let (want, base) = (floats("top_logits"), floats("base_logits"));
+        let logits = model.forward(&ids(&c["prompt_ids"]), 0).unwrap();
+        let got: Vec<f32> = ids(&c["top_ids"])
+            .iter()
+            .map(|&i| logits[i as usize])
+            .collect();
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        worst = worst.max(max_diff(&got, &want));
+        nearest_base = nearest_base.min(max_diff(&got, &base));
+    }
+    eprintln!(
+        "adapter merge: worst |diff| vs PEFT {worst:.3}, nearest to the base {nearest_base:.3}"
+    );
+    assert!(
+        worst <= 1.0,
+        "merged model is {worst} from transformers + PEFT"
+    );
+    assert!(
+        nearest_base >= 3.0,
+        "the adapter changed too little ({nearest_base})"
+    );
 }

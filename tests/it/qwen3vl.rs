@@ -608,6 +608,7 @@ mod engine {
             max_batch,
             max_batch_tokens: 4096,
             prefix_cache_entries: 0,
+            adapter: None,
             queue_capacity: 16,
             context_tokens: 4096,
         })

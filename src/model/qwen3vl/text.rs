@@ -286,10 +286,11 @@ impl TextDecoder {
             s.cache.reserve(s.cache.len + s.tokens)?;
         }
         let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
         let mut x = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.in_norm.forward(&x)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, seqs)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, seqs, &masks)?;
             x = (x + layer.o.forward(&attn)?)?;
             let h = layer.post_norm.forward(&x)?;
             let mlp = layer
@@ -312,6 +313,7 @@ impl TextDecoder {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         li: usize,
@@ -320,6 +322,7 @@ impl TextDecoder {
         cos: &Tensor,
         sin: &Tensor,
         seqs: &mut [SeqSlice<'_>],
+        masks: &[Option<Tensor>],
     ) -> Result<Tensor> {
         let n = h.dim(0)?;
         let hd = self.head_dim;
@@ -336,41 +339,80 @@ impl TextDecoder {
         let v = heads(layer.v.forward(h)?, self.kv_heads, None)?.squeeze(0)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
-        let rep = self.heads / self.kv_heads;
-        let scale = (hd as f64).powf(-0.5);
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for s in seqs.iter_mut() {
-            let len = s.tokens;
-            let past = s.cache.len;
-            let (kc, vc) = &s.cache.layers[li];
-            kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
-            vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
-            let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
-            let vals = vc.narrow(1, 0, past + len)?;
-            // Grouped-query attention without copying keys: the `rep` query heads that share a
-            // key/value head become one [rep*len, hd] block against it.
-            let qs = q
-                .narrow(1, at, len)?
-                .contiguous()?
-                .reshape((self.kv_heads, rep * len, hd))?;
-            let scores = (qs.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = if len > 1 {
-                scores.broadcast_add(&causal_mask(rep, len, past, &self.device)?)?
-            } else {
-                scores
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-            let out = probs
-                .matmul(&vals.contiguous()?)?
-                .reshape((self.heads, len, hd))?
-                .transpose(0, 1)?
-                .reshape((len, self.heads * hd))?;
-            outs.push(out);
-            at += len;
-        }
-        Tensor::cat(&outs, 0)
+        packed_attention(li, &q, &k, &v, seqs, masks)
     }
+}
+
+/// Causal masks of one packed step, one per sequence (`None` for a single new token, which sees
+/// its whole cache), built once and used by every layer.
+pub(crate) fn step_masks(
+    seqs: &[SeqSlice<'_>],
+    rep: usize,
+    device: &Device,
+) -> Result<Vec<Option<Tensor>>> {
+    seqs.iter()
+        .map(|s| {
+            (s.tokens > 1)
+                .then(|| causal_mask(rep, s.tokens, s.cache.len, device))
+                .transpose()
+        })
+        .collect()
+}
+
+/// Grouped-query attention over packed sequences, shared by the llama and Qwen3-VL decoders.
+/// `q` is `[heads, n, hd]`, `k` and `v` are `[kv_heads, n, hd]` (rotated), rows in `seqs` order.
+/// Each sequence's new keys and values are written into its cache at layer `li`, and its queries
+/// attend to the cache: the `rep` query heads sharing a key/value head form one `[rep*len, hd]`
+/// block against it, so keys are never copied per head. Scores and softmax are F32; `masks` come
+/// from [`step_masks`]. Returns `[n, heads*hd]` in `q`'s dtype.
+pub(crate) fn packed_attention(
+    li: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &mut [SeqSlice<'_>],
+    masks: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let (heads, _, hd) = q.dims3()?;
+    let kv_heads = k.dim(0)?;
+    let rep = heads / kv_heads;
+    let dtype = q.dtype();
+    let scale = (hd as f64).powf(-0.5);
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for (s, mask) in seqs.iter_mut().zip(masks) {
+        let len = s.tokens;
+        let past = s.cache.len;
+        let (kc, vc) = &s.cache.layers[li];
+        kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
+        vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
+        let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
+        let vals = vc.narrow(1, 0, past + len)?;
+        // Reduced-precision matmuls want a contiguous right-hand side; F32 reads the view.
+        let vals = if dtype == DType::F32 {
+            vals
+        } else {
+            vals.contiguous()?
+        };
+        let qs = q
+            .narrow(1, at, len)?
+            .contiguous()?
+            .reshape((kv_heads, rep * len, hd))?;
+        let scores = (qs.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs
+            .matmul(&vals)?
+            .reshape((heads, len, hd))?
+            .transpose(0, 1)?
+            .reshape((len, heads * hd))?;
+        outs.push(out);
+        at += len;
+    }
+    Tensor::cat(&outs, 0)
 }
 
 /// Additive mask, `[rep*len, past+len]` in F32: query `i` (repeated `rep` times, one block per

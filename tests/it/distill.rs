@@ -1,0 +1,289 @@
+//! Tag distillation: `tagllm build-data` end to end against a real OpenAI-compatible server
+//! (llama-cpp-python's, installed by `scripts/test-deps.sh`, serving the default GGUF as a stand-in
+//! teacher), including a resumed run and an unreachable teacher; and the committed teacher
+//! dataset checked against what the server reads and what the grammar lets a model write.
+
+use std::{
+    collections::HashSet,
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tagllm::{
+    config::{Limits, Requantize},
+    distill::{read_records, reference_tags, sft_example, TeacherRecord},
+    grammar::tag_grammar,
+    handbook::Handbook,
+    model::TextModel,
+    tags::parse_output,
+};
+
+use crate::common::{free_port, model_path, root, test_venv};
+
+/// llama-cpp-python's OpenAI-compatible server on a free port, killed on drop.
+struct Teacher {
+    child: Child,
+    url: String,
+}
+
+impl Teacher {
+    fn start() -> Teacher {
+        let port = free_port();
+        let child = Command::new(test_venv().join("bin/python"))
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(model_path())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--n_ctx", "4096", "--n_threads", "2", "--verbose", "false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting llama_cpp.server (scripts/test-deps.sh installs it)");
+        let t = Teacher {
+            child,
+            url: format!("http://127.0.0.1:{port}/v1"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ =
+                    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.1 200") {
+                    return t;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "llama_cpp.server did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Teacher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tagllm build-data ARGS`; returns the exit code and stdout + stderr.
+fn build_data(args: &[&str], out: &Path) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .current_dir(root())
+        .arg("build-data")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .args(["--quiet", "--adapter", "none"])
+        .env("RUST_LOG", "warn")
+        .env_remove("TAGLLM_TEACHER_URL")
+        .env_remove("TAGLLM_TEACHER_KEY")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
+/// (extracted, already done, failed) from build-data's summary line.
+fn counts(text: &str) -> (usize, usize, usize) {
+    let line = text
+        .lines()
+        .find(|l| l.contains(" extracted, "))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let n: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (n[0], n[1], n[2])
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const NOTES: &str = r#"{"note_id": "bd-1", "category": "sneakers", "title": "Samba OG review", "body": "I bought the adidas Samba OG in white for $100. It runs long, so size down half a size. Great with straight jeans.", "lang": "en"}
+{"note_id": "bd-2", "category": "food", "title": "Best ramen in Tokyo", "body": "Ichiran in Shibuya: rich tonkotsu broth, thin noodles, about 1,000 yen. Go at night to skip the line.", "lang": "en"}
+{"note_id": "bd-3", "category": "美妆", "title": "兰蔻小黑瓶用了一个月", "body": "油皮夏天用也不闷，早晚各一泵，肤色亮了一点。专柜价1080元。", "lang": "zh"}
+"#;
+
+#[test]
+fn build_data_against_a_local_openai_server_resumes() {
+    let teacher = Teacher::start();
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes.jsonl");
+    std::fs::write(&notes, NOTES).unwrap();
+    let out = dir.path().join("out");
+    let notes_s = notes.to_str().unwrap();
+    let common = [
+        "--notes",
+        notes_s,
+        "--teacher-url",
+        &teacher.url,
+        "--teacher-model",
+        "smollm2",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "96,320,160",
+    ];
+
+    // A first run stopped after two notes (--limit stands in for a killed run).
+    let (code1, text1) = build_data(&[&common[..], &["--limit", "2"]].concat(), &out);
+    let (done1, skipped1, failed1) = counts(&text1);
+    assert_eq!((done1 + failed1, skipped1), (2, 0), "{text1}");
+    assert_eq!(code1, if failed1 > 0 { 1 } else { 0 }, "{text1}");
+
+    // The resumed run asks only for what is not in records.jsonl yet.
+    let (_, text2) = build_data(&common, &out);
+    let (done2, skipped2, failed2) = counts(&text2);
+    assert_eq!(skipped2, done1, "{text2}");
+    assert_eq!(done2 + failed2, 3 - done1, "{text2}");
+
+    let records = read_records(&[out.join("records.jsonl")]).unwrap();
+    let ids: HashSet<&str> = records.iter().map(|r| r.note_id.as_str()).collect();
+    assert_eq!(ids.len(), records.len(), "a note was extracted twice");
+    assert_eq!(records.len(), done1 + done2);
+    assert!(
+        !records.is_empty(),
+        "the teacher produced no usable note:\n{text1}\n{text2}"
+    );
+    let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
+    for r in &records {
+        assert_eq!(r.teacher_model.as_deref(), Some("smollm2"));
+        let category = handbook.resolve(&r.category);
+        assert!(!r.teacher.about.is_empty());
+        for (dim, values) in &r.teacher.tags {
+            assert!(category.has_dimension(dim), "{dim} in {}", r.note_id);
+            assert!(!values.is_empty() && values.len() <= 3);
+            let grounded: HashSet<String> = r.teacher.candidates[dim]
+                .iter()
+                .map(|c| tagllm::tags::normalize(&c.value))
+                .collect();
+            for v in values {
+                assert!(
+                    grounded.contains(&tagllm::tags::normalize(v)),
+                    "{v} is ungrounded"
+                );
+            }
+        }
+    }
+    let failures = lines(&out.join("failures.jsonl"));
+    assert_eq!(failures.len(), failed2);
+    // Every record is an SFT example in both forms, and tokenized for the default model.
+    let plain = lines(&out.join("messages.jsonl"));
+    let cot = lines(&out.join("messages_cot.jsonl"));
+    let toks = lines(&out.join("tokens.jsonl"));
+    assert_eq!(
+        (plain.len(), cot.len(), toks.len()),
+        (records.len(), records.len(), records.len())
+    );
+    for (p, t) in plain.iter().zip(&toks) {
+        let msgs = p["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 3);
+        assert_eq!(msgs[2]["role"], "assistant");
+        assert!(msgs[2]["content"].as_str().unwrap().starts_with('{'));
+        let completion = t["completion_ids"].as_array().unwrap();
+        assert_eq!(
+            completion.last().unwrap(),
+            2,
+            "completion ends with <|im_end|>"
+        );
+    }
+    drop(teacher);
+}
+
+#[test]
+fn build_data_reports_an_unreachable_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes.jsonl");
+    std::fs::write(&notes, NOTES).unwrap();
+    let out = dir.path().join("out");
+    let url = format!("http://127.0.0.1:{}/v1", free_port());
+    let (code, text) = build_data(
+        &[
+            "--notes",
+            notes.to_str().unwrap(),
+            "--teacher-url",
+            &url,
+            "--retries",
+            "1",
+        ],
+        &out,
+    );
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(counts(&text), (0, 0, 3), "{text}");
+    let failures = lines(&out.join("failures.jsonl"));
+    assert_eq!(failures.len(), 3);
+    assert!(failures[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("request failed"));
+    assert!(read_records(&[out.join("records.jsonl")])
+        .unwrap()
+        .is_empty());
+}
+
+/// Every note of the committed teacher dataset is valid under the default limits, and its
+/// answer, in the layout the SFT examples teach, is accepted by the category's grammar (so a
+/// constrained student can write it) and parses back to exactly the teacher's tags.
+#[test]
+fn teacher_dataset_is_what_the_server_reads_and_the_grammar_allows() {
+    let records: Vec<TeacherRecord> = read_records(&[root().join("datasets/distill")]).unwrap();
+    assert!(records.len() >= 500, "{} records", records.len());
+    let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
+    let limits = Limits::default();
+    let mut model = TextModel::load(&model_path(), Requantize::Q8_0).unwrap();
+    let mut grammars: std::collections::HashMap<String, Arc<str>> = Default::default();
+    let mut langs = std::collections::BTreeMap::new();
+    for r in &records {
+        *langs.entry(r.lang.clone()).or_insert(0) += 1;
+        let ex = sft_example(r, &handbook, &limits).unwrap();
+        let category = handbook.resolve(&r.category);
+        let parsed = parse_output(&ex.answer, category, &limits);
+        assert!(parsed.well_formed, "{}", r.note_id);
+        assert_eq!(
+            parsed.dropped.total(),
+            0,
+            "{}: {:?}",
+            r.note_id,
+            parsed.dropped
+        );
+        assert_eq!(
+            parsed.tags,
+            reference_tags(&r.teacher.tags, category),
+            "{}",
+            r.note_id
+        );
+        let grammar: Arc<str> = grammars
+            .entry(category.key.clone())
+            .or_insert_with(|| tag_grammar(category, &limits).into())
+            .clone();
+        let ids = model.encode_text(&ex.answer).unwrap();
+        let (c, _) = model.constrainer().start(&grammar).unwrap();
+        assert!(
+            c.accepts(&ids),
+            "{}: grammar refuses {}",
+            r.note_id,
+            ex.answer
+        );
+    }
+    // Chinese and English notes both, as the issue asks.
+    assert!(langs.get("zh").copied().unwrap_or(0) >= 150, "{langs:?}");
+    assert!(langs.get("en").copied().unwrap_or(0) >= 150, "{langs:?}");
+}
