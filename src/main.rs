@@ -132,6 +132,33 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Train a LoRA student from teacher records: writes the SFT files (as `build-data
+    /// --from-records`) into OUT/sft, then runs the recipe, scripts/distill.py (PyTorch + PEFT),
+    /// on the configured GGUF; the adapter (PEFT format) lands in OUT. Serve it with
+    /// `--adapter OUT`, or put it at the model's `.lora` directory. Arguments after `--` go to the
+    /// script (e.g. `-- --epochs 6 --device cuda`).
+    Distill {
+        /// Training records (files or directories in the datasets/distill format).
+        #[arg(long = "from-records", required = true, num_args = 1..)]
+        records: Vec<PathBuf>,
+        /// Held-out records: the answer loss before and after training is reported.
+        #[arg(long = "eval-records", num_args = 1..)]
+        eval_records: Vec<PathBuf>,
+        /// Adapter directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Python with torch, transformers, peft and gguf (scripts/distill-requirements.txt).
+        #[arg(long, env = "TAGLLM_PYTHON", default_value = "python3")]
+        python: PathBuf,
+        /// The recipe.
+        #[arg(long, default_value = "scripts/distill.py")]
+        script: PathBuf,
+        /// Passed to the script.
+        #[arg(last = true)]
+        script_args: Vec<String>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Tag one note (a JSON file, `-` for stdin) and print tags and features as JSON; no server,
     /// no store.
     Tag {
@@ -350,6 +377,66 @@ fn main() -> anyhow::Result<()> {
                 println!("failed notes: {}", out.join("failures.jsonl").display());
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Distill {
+            records,
+            eval_records,
+            out,
+            python,
+            script,
+            script_args,
+            common,
+        } => {
+            let cfg = load_config(&common)?;
+            server::init_logging(&cfg.log);
+            cfg.validate()?;
+            anyhow::ensure!(
+                !cfg.model.path.is_dir(),
+                "distill trains adapters for GGUF models; {} is a checkpoint directory",
+                cfg.model.path.display()
+            );
+            let (handbook, _schema) = server::load_guidance(&cfg)?;
+            let model = tagllm::model::TextModel::load(&cfg.model.path, cfg.model.requantize)
+                .with_context(|| format!("loading {}", cfg.model.path.display()))?;
+            let sft = out.join("sft");
+            let mut splits = vec![("train", records)];
+            if !eval_records.is_empty() {
+                splits.push(("eval", eval_records));
+            }
+            for (split, sources) in &splits {
+                let recs = tagllm::distill::read_records(sources)?;
+                let (written, skipped) = tagllm::distill::write_sft(
+                    &recs,
+                    &handbook,
+                    &cfg.limits,
+                    Some(&model),
+                    &sft.join(split),
+                )?;
+                for s in &skipped {
+                    eprintln!("not an SFT example: {s}");
+                }
+                anyhow::ensure!(written > 0, "no {split} example in {sources:?}");
+                println!("{written} {split} examples");
+            }
+            drop(model);
+            let mut cmd = std::process::Command::new(&python);
+            cmd.arg(&script)
+                .arg("--tokens")
+                .arg(sft.join("train/tokens.jsonl"))
+                .arg("--gguf")
+                .arg(&cfg.model.path)
+                .arg("--out")
+                .arg(&out);
+            if splits.len() > 1 {
+                cmd.arg("--eval-tokens").arg(sft.join("eval/tokens.jsonl"));
+            }
+            let status = cmd
+                .args(&script_args)
+                .status()
+                .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+            anyhow::ensure!(status.success(), "{} failed: {status}", script.display());
+            println!("adapter: {}", out.display());
             Ok(())
         }
         Command::Tag { note, common } => {

@@ -478,6 +478,11 @@ pub async fn extract_all(
     for n in notes {
         if done.contains(&n.raw.note_id) {
             summary.skipped += 1;
+        } else if let Err(e) = n.raw.clone().validate(&limits) {
+            // The server would refuse it: no teacher time for it.
+            summary
+                .failed
+                .push((n.raw.note_id.clone(), format!("invalid note: {e}")));
         } else if seen.insert(n.raw.note_id.clone()) {
             todo.push(n);
         }

@@ -287,3 +287,85 @@ fn teacher_dataset_is_what_the_server_reads_and_the_grammar_allows() {
     assert!(langs.get("zh").copied().unwrap_or(0) >= 150, "{langs:?}");
     assert!(langs.get("en").copied().unwrap_or(0) >= 150, "{langs:?}");
 }
+
+/// The recipe end to end, on the CPU: `tagllm distill` writes the SFT files and runs
+/// scripts/distill.py for a few steps (in target/distill-venv, made by `scripts/test-deps.sh`);
+/// the adapter it saves, in PEFT's format, merges at load and changes the model's logits.
+#[test]
+fn distill_trains_an_adapter_the_server_merges() {
+    let python = std::env::var_os("TAGLLM_DISTILL_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target/distill-venv"))
+        .join("bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/test-deps.sh",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("adapter");
+    let o = Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .current_dir(root())
+        .args([
+            "distill",
+            "--from-records",
+            "datasets/distill/train/watches.jsonl",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg("--python")
+        .arg(&python)
+        .args(["--", "--limit", "4", "--max-steps", "3", "--batch", "2"])
+        .args(["--lr", "0.01", "--device", "cpu", "--no-check-logits"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    let training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(training["summary"]["steps"], 3, "{training}");
+    assert_eq!(training["summary"]["examples"], 4);
+    let losses: Vec<f64> = training["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.len() == 3 && losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    assert_eq!(lines(&out.join("sft/train/tokens.jsonl")).len(), 44);
+
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/llamacpp_logits.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt: Vec<u32> = fx["cases"][0]["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let mut base = TextModel::load(&model_path(), Requantize::Q8_0).unwrap();
+    let opts = tagllm::model::LoadOptions {
+        adapter: Some(out.clone()),
+        ..tagllm::model::LoadOptions::cpu(Requantize::Q8_0)
+    };
+    let mut student = TextModel::load_with(&model_path(), &opts).unwrap();
+    let (a, b) = (
+        base.forward(&prompt, 0).unwrap(),
+        student.forward(&prompt, 0).unwrap(),
+    );
+    let moved = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "the trained adapter changed nothing ({moved})"
+    );
+}
