@@ -387,11 +387,15 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
 
 /// Constrained decoding end to end on hostile notes (prompt injection in title or body, chat
 /// control strings, requests for keys outside the handbook, an empty category): every answer is
-/// one JSON object of the resolved category's dimensions, within the limits.
+/// one JSON object of the resolved category's dimensions, within the limits, and no tag dropped.
+/// The token budget is the default's order of magnitude: the distilled student writes ~80-token
+/// answers, and a budget that cuts one mid-value can leave a value with no letter or digit in it
+/// (`"¥"`), which the parser drops as empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constrained_answers_hold_on_hostile_notes() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path());
+    let mut cfg = test_config(dir.path());
+    cfg.model.max_new_tokens = 160;
     let max_chars = cfg.limits.max_tag_chars;
     let per_dim = cfg.limits.max_tags_per_dimension;
     let app = App::spawn(cfg).await;
