@@ -224,6 +224,35 @@ fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// The configured model, loaded for its tokenizer and chat template (SFT files).
+fn tokenizer_model(cfg: &Config) -> anyhow::Result<tagllm::model::TextModel> {
+    tagllm::model::TextModel::load(&cfg.model.path, cfg.model.requantize)
+        .with_context(|| format!("loading {}", cfg.model.path.display()))
+}
+
+/// Writes the SFT files of the teacher records in `sources` into `out`; returns how many
+/// examples were written (records that make none are reported on stderr).
+fn sft_files(
+    model: &tagllm::model::TextModel,
+    handbook: &tagllm::handbook::Handbook,
+    cfg: &Config,
+    sources: &[PathBuf],
+    out: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let records = tagllm::distill::read_records(sources)?;
+    let (written, skipped) =
+        tagllm::distill::write_sft(&records, handbook, &cfg.limits, Some(model), out)?;
+    for s in &skipped {
+        eprintln!("not an SFT example: {s}");
+    }
+    println!(
+        "{written} SFT examples from {} records in {}",
+        records.len(),
+        out.display()
+    );
+    Ok(written)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -359,20 +388,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => records,
             };
-            let records = tagllm::distill::read_records(&sources)?;
-            // For its tokenizer and chat template only.
-            let model = tagllm::model::TextModel::load(&cfg.model.path, cfg.model.requantize)
-                .with_context(|| format!("loading {}", cfg.model.path.display()))?;
-            let (written, skipped) =
-                tagllm::distill::write_sft(&records, &handbook, &cfg.limits, Some(&model), &out)?;
-            for s in &skipped {
-                eprintln!("not an SFT example: {s}");
-            }
-            println!(
-                "{written} SFT examples from {} records in {}",
-                records.len(),
-                out.display()
-            );
+            let model = tokenizer_model(&cfg)?;
+            sft_files(&model, &handbook, &cfg, &sources, &out)?;
             if failed > 0 {
                 println!("failed notes: {}", out.join("failures.jsonl").display());
                 std::process::exit(1);
@@ -397,27 +414,15 @@ fn main() -> anyhow::Result<()> {
                 cfg.model.path.display()
             );
             let (handbook, _schema) = server::load_guidance(&cfg)?;
-            let model = tagllm::model::TextModel::load(&cfg.model.path, cfg.model.requantize)
-                .with_context(|| format!("loading {}", cfg.model.path.display()))?;
+            let model = tokenizer_model(&cfg)?;
             let sft = out.join("sft");
             let mut splits = vec![("train", records)];
             if !eval_records.is_empty() {
                 splits.push(("eval", eval_records));
             }
             for (split, sources) in &splits {
-                let recs = tagllm::distill::read_records(sources)?;
-                let (written, skipped) = tagllm::distill::write_sft(
-                    &recs,
-                    &handbook,
-                    &cfg.limits,
-                    Some(&model),
-                    &sft.join(split),
-                )?;
-                for s in &skipped {
-                    eprintln!("not an SFT example: {s}");
-                }
+                let written = sft_files(&model, &handbook, &cfg, sources, &sft.join(split))?;
                 anyhow::ensure!(written > 0, "no {split} example in {sources:?}");
-                println!("{written} {split} examples");
             }
             drop(model);
             let mut cmd = std::process::Command::new(&python);

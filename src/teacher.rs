@@ -407,20 +407,21 @@ impl Client {
         category: &Category,
         limits: &Limits,
     ) -> anyhow::Result<TeacherSteps> {
-        let mut content = Vec::new();
-        for uri in &note.raw.image_uris {
-            content.push(json!({"type": "image_url", "image_url": {"url": data_url(uri)?}}));
-        }
-        content.push(
-            json!({"type": "text", "text": step1_prompt(&note.raw, note.raw.image_uris.len())}),
-        );
+        let text = step1_prompt(&note.raw, note.raw.image_uris.len());
+        let first = if note.raw.image_uris.is_empty() {
+            json!(text)
+        } else {
+            // Images first, as data URLs, then the text.
+            let mut parts = Vec::new();
+            for uri in &note.raw.image_uris {
+                parts.push(json!({"type": "image_url", "image_url": {"url": data_url(uri)?}}));
+            }
+            parts.push(json!({"type": "text", "text": text}));
+            Value::Array(parts)
+        };
         let mut messages = vec![
             json!({"role": "system", "content": system_prompt(category)}),
-            if note.raw.image_uris.is_empty() {
-                json!({"role": "user", "content": step1_prompt(&note.raw, 0)})
-            } else {
-                json!({"role": "user", "content": content})
-            },
+            json!({"role": "user", "content": first}),
         ];
         let [m1, m2, m3] = self.opts.max_tokens;
         let about = self.chat(&messages, m1, false).await.context("step 1")?;

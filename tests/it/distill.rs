@@ -87,12 +87,16 @@ fn build_data(args: &[&str], out: &Path) -> (i32, String) {
         .env_remove("TAGLLM_TEACHER_KEY")
         .output()
         .unwrap();
-    let text = format!(
+    (o.status.code().unwrap_or(-1), output_text(&o))
+}
+
+/// A finished child's stdout and stderr, as text.
+fn output_text(o: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), text)
+    )
 }
 
 /// (extracted, already done, failed) from build-data's summary line.
@@ -320,12 +324,7 @@ fn distill_trains_an_adapter_the_server_merges() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{text}");
+    assert!(o.status.success(), "{}", output_text(&o));
     let training: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
     assert_eq!(training["summary"]["steps"], 3, "{training}");
