@@ -205,10 +205,10 @@ async fn reader(ch: Channel, s: Arc<Shared>, worker: usize) {
         };
         let mut ids: Vec<String> = known;
         ids.extend((ids.len()..500).map(|i| format!("unknown-{worker}-{i}")));
-        if k % 50 == 0 {
+        if k.is_multiple_of(50) {
             ids[0].clear(); // an invalid request now and then
         }
-        let layout = if k % 2 == 0 {
+        let layout = if k.is_multiple_of(2) {
             pb::Layout::Jagged
         } else {
             pb::Layout::NoteMajor
@@ -224,7 +224,7 @@ async fn reader(ch: Channel, s: Arc<Shared>, worker: usize) {
             "GetNoteFeatures",
             r.map_or_else(|e| e.code(), |_| tonic::Code::Ok),
         );
-        if k % 200 == 0 {
+        if k.is_multiple_of(200) {
             let r = async {
                 let mut st = c
                     .scan_note_features(pb::ScanNoteFeaturesRequest {
@@ -287,7 +287,7 @@ fn main() {
             let r = rss_mib(args.pid);
             peak = peak.max(r);
             let el = t0.elapsed().as_secs();
-            if el % 60 == 0 && samples.last().map(|(t, _)| *t) != Some(el) {
+            if el.is_multiple_of(60) && samples.last().map(|(t, _)| *t) != Some(el) {
                 samples.push((el, r));
             }
         }

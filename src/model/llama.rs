@@ -12,24 +12,21 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::{
-    quantized::{gguf_file, QMatMul},
-    DType, Device, Module, Result, Tensor,
-};
+use candle_core::{quantized::gguf_file, DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::qwen3vl::text::{packed_attention, step_masks, KvCache, SeqSlice};
+use tagllm_kernels::Projections;
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    /// q, k and v, one packed matrix on CPUs with AVX-512 VNNI (`qmatmul`).
+    qkv: Projections,
+    wo: Projections,
     attn_norm: RmsNorm,
-    gate: QMatMul,
-    down: QMatMul,
-    up: QMatMul,
+    /// gate and up.
+    gate_up: Projections,
+    down: Projections,
     ffn_norm: RmsNorm,
 }
 
@@ -38,7 +35,7 @@ pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Projections,
     /// `1 / base^(2i/d)`, the rotary frequencies.
     theta: Vec<f32>,
     heads: usize,
@@ -76,7 +73,7 @@ impl Llama {
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
         let head_dim = hidden / heads;
-        if rope_dim != head_dim || heads % kv_heads != 0 {
+        if rope_dim != head_dim || !heads.is_multiple_of(kv_heads) {
             candle_core::bail!(
                 "unsupported llama shape: rope dim {rope_dim}, head dim {head_dim}, {heads} heads, {kv_heads} KV heads"
             );
@@ -91,17 +88,15 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
-            let mut q = |n: &str| QMatMul::from_qtensor(t(&format!("blk.{i}.{n}.weight"))?);
-            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (gate, down, up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
+            let mut q = |n: &str| t(&format!("blk.{i}.{n}.weight"));
+            let qkv = vec![q("attn_q")?, q("attn_k")?, q("attn_v")?];
+            let wo = vec![q("attn_output")?];
+            let (gate_up, down) = (vec![q("ffn_gate")?, q("ffn_up")?], vec![q("ffn_down")?]);
             layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
-                gate,
-                down,
-                up,
+                qkv: Projections::new(qkv, true)?,
+                wo: Projections::new(wo, true)?,
+                gate_up: Projections::new(gate_up, true)?,
+                down: Projections::new(down, true)?,
                 attn_norm: RmsNorm::from_qtensor(t(&format!("blk.{i}.attn_norm.weight"))?, eps)?,
                 ffn_norm: RmsNorm::from_qtensor(t(&format!("blk.{i}.ffn_norm.weight"))?, eps)?,
             });
@@ -110,7 +105,7 @@ impl Llama {
             embed,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: Projections::new(vec![output], true)?,
             theta: (0..head_dim)
                 .step_by(2)
                 .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
@@ -163,17 +158,18 @@ impl Llama {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
 
         // Each sequence's causal mask, built once for every layer.
-        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, DType::F32, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let attn = self.attention(li, layer, &h, &cos, &sin, &masks, seqs)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            x = (x + layer.wo.forward1(&attn)?)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let mlp = layer.down.forward(
-                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
-            )?;
+            let [gate, up]: [Tensor; 2] = layer.gate_up.forward(&h)?.try_into().map_err(|_| {
+                candle_core::Error::Msg("gate/up projections: two outputs expected".into())
+            })?;
+            let mlp = layer.down.forward1(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + mlp)?;
         }
         for s in seqs.iter_mut() {
@@ -181,7 +177,7 @@ impl Llama {
         }
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let x = self.norm.forward(&x.index_select(&last, 0)?)?;
-        self.output.forward(&x)?.to_dtype(DType::F32)
+        self.output.forward1(&x)?.to_dtype(DType::F32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -203,9 +199,12 @@ impl Llama {
                 .contiguous()?
                 .unsqueeze(0) // [1, count, n, hd]
         };
-        let q = heads(layer.wq.forward(h)?, self.heads)?;
-        let k = heads(layer.wk.forward(h)?, self.kv_heads)?;
-        let v = heads(layer.wv.forward(h)?, self.kv_heads)?.squeeze(0)?;
+        let [q, k, v]: [Tensor; 3] = layer.qkv.forward(h)?.try_into().map_err(|_| {
+            candle_core::Error::Msg("q/k/v projections: three outputs expected".into())
+        })?;
+        let q = heads(q, self.heads)?;
+        let k = heads(k, self.kv_heads)?;
+        let v = heads(v, self.kv_heads)?.squeeze(0)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
         packed_attention(li, &q, &k, &v, seqs, masks)

@@ -9,6 +9,7 @@ mod crash;
 mod distill;
 mod hostile;
 mod image_proc;
+mod kernels;
 mod model;
 mod ops;
 mod qwen3vl;

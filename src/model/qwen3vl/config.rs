@@ -225,7 +225,9 @@ impl Config {
         };
         if text.num_attention_heads == 0
             || text.num_key_value_heads == 0
-            || text.num_attention_heads % text.num_key_value_heads != 0
+            || !text
+                .num_attention_heads
+                .is_multiple_of(text.num_key_value_heads)
         {
             return Err(err(format!(
                 "{} attention heads do not group over {} key/value heads",

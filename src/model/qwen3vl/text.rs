@@ -286,7 +286,7 @@ impl TextDecoder {
             s.cache.reserve(s.cache.len + s.tokens)?;
         }
         let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
-        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, self.dtype, &self.device)?;
         let mut x = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.in_norm.forward(&x)?;
@@ -348,15 +348,24 @@ impl TextDecoder {
 pub(crate) fn step_masks(
     seqs: &[SeqSlice<'_>],
     rep: usize,
+    dtype: DType,
     device: &Device,
 ) -> Result<Vec<Option<Tensor>>> {
+    let direct = direct_attention(dtype, device);
     seqs.iter()
         .map(|s| {
-            (s.tokens > 1)
+            (s.tokens > 1 && !direct)
                 .then(|| causal_mask(rep, s.tokens, s.cache.len, device))
                 .transpose()
         })
         .collect()
+}
+
+/// Whether [`packed_attention`] runs the direct kernel (`tagllm_kernels::CausalAttention`,
+/// causal by construction, no mask): F32 on the CPU. Other dtypes and devices take the
+/// matmul-and-mask path.
+pub(crate) fn direct_attention(dtype: DType, device: &Device) -> bool {
+    dtype == DType::F32 && device.is_cpu()
 }
 
 /// Grouped-query attention over packed sequences, shared by the llama and Qwen3-VL decoders.
@@ -364,7 +373,10 @@ pub(crate) fn step_masks(
 /// Each sequence's new keys and values are written into its cache at layer `li`, and its queries
 /// attend to the cache: the `rep` query heads sharing a key/value head form one `[rep*len, hd]`
 /// block against it, so keys are never copied per head. Scores and softmax are F32; `masks` come
-/// from [`step_masks`]. Returns `[n, heads*hd]` in `q`'s dtype.
+/// from [`step_masks`]. On the CPU in F32 ([`direct_attention`]) each query row is computed on
+/// its own by `tagllm_kernels::CausalAttention` instead: no score matrix, no packing of the cache
+/// for a matmul, no mask, and rows spread over the thread pool. Returns `[n, heads*hd]` in `q`'s
+/// dtype.
 pub(crate) fn packed_attention(
     li: usize,
     q: &Tensor,
@@ -378,6 +390,7 @@ pub(crate) fn packed_attention(
     let rep = heads / kv_heads;
     let dtype = q.dtype();
     let scale = (hd as f64).powf(-0.5);
+    let direct = direct_attention(dtype, q.device());
     let mut outs = Vec::with_capacity(seqs.len());
     let mut at = 0;
     for (s, mask) in seqs.iter_mut().zip(masks) {
@@ -386,6 +399,19 @@ pub(crate) fn packed_attention(
         let (kc, vc) = &s.cache.layers[li];
         kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
         vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
+        if direct {
+            let attn = tagllm_kernels::CausalAttention {
+                past,
+                scale: scale as f32,
+            };
+            outs.push(
+                q.narrow(1, at, len)?
+                    .contiguous()?
+                    .apply_op3_no_bwd(kc, vc, &attn)?,
+            );
+            at += len;
+            continue;
+        }
         let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
         let vals = vc.narrow(1, 0, past + len)?;
         // Reduced-precision matmuls want a contiguous right-hand side; F32 reads the view.

@@ -1,0 +1,666 @@
+//! Q8_0 matrix products for x86 CPUs with AVX-512 VNNI: the default model's projections.
+//!
+//! candle 0.11.1 multiplies Q8_0 weights one 32-value block and one output row at a time
+//! (`vec_dot`), and its repacked VNNI kernels need the inner dimension to be a multiple of 256,
+//! which SmolLM2's hidden size (576) is not. Here the weights are repacked at load into tiles of
+//! 16 output rows by one 32-value block, each weight stored `+ 128` as an unsigned byte, so one
+//! `vpdpbusd` multiplies 4 inputs into all 16 rows at once; each input row is quantized to Q8_0
+//! exactly as ggml does it (per 32 values, `d = amax / 127`, `d` rounded to f16), and the
+//! `+ 128` comes off again through the block's sum of input quants. Projections that read the
+//! same input (q, k and v; gate and up) are packed into one matrix, so the input is quantized
+//! once and the thread pool is woken once for them.
+//!
+//! Every output value is one lane's `Σ_blocks fma(dot_block as f32, d_w · d_x, acc)` in block
+//! order, whatever the number of input rows or how the work is split across threads, so a row's
+//! result does not depend on what it is batched with. A portable implementation of the same
+//! arithmetic ([`PackedQ8::matmul_portable`]) is the reference the SIMD kernel is tested against,
+//! bit for bit. CPUs without AVX-512 VNNI (and every GPU) keep candle's `QMatMul`.
+
+use candle_core::{
+    quantized::{GgmlDType, QMatMul, QTensor},
+    CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor,
+};
+
+/// Output rows per tile: one 32-bit lane of a 512-bit register each.
+const TILE: usize = 16;
+/// Values per Q8_0 block.
+const QK: usize = 32;
+/// Bytes of a Q8_0 block in a GGUF: an f16 scale and 32 signed quants.
+const Q8_0_BYTES: usize = 2 + QK;
+
+/// One 32-value block of 16 output rows. `qs` is laid out `[group (8)][row (16)][4 bytes]`, so
+/// one 64-byte load holds 4 consecutive weights of every row, as `vpdpbusd` wants them.
+#[derive(Clone)]
+#[repr(C, align(64))]
+struct Tile {
+    qs: [u8; QK * TILE],
+    d: [f32; TILE],
+}
+
+/// A Q8_0 weight matrix `[n, k]` (one or more projections stacked by rows), repacked.
+pub struct PackedQ8 {
+    n: usize,
+    k: usize,
+    /// `tiles[t * k / 32 + b]`: tile row `t` (output rows `16t..16t + 16`), block `b`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for PackedQ8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQ8")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether this CPU runs the packed kernel (checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PackedQ8 {
+    /// Stacks the Q8_0 matrices `ws` (each `[n_i, k]`, same `k`) by rows and repacks them. `None`
+    /// when the layout does not fit: another dtype, a device other than the CPU, `k` not a
+    /// multiple of 32 or an `n_i` not a multiple of 16.
+    pub fn pack(ws: &[&QTensor]) -> Result<Option<PackedQ8>> {
+        let mut k = None;
+        for w in ws {
+            let (n_i, k_i) = w.shape().dims2()?;
+            if w.dtype() != GgmlDType::Q8_0
+                || !matches!(w.device(), Device::Cpu)
+                || n_i % TILE != 0
+                || k_i % QK != 0
+                || k.is_some_and(|k| k != k_i)
+            {
+                return Ok(None);
+            }
+            k = Some(k_i);
+        }
+        let Some(k) = k else { return Ok(None) };
+        let kb = k / QK;
+        let mut tiles = Vec::new();
+        let mut n = 0;
+        for w in ws {
+            let n_i = w.shape().dims()[0];
+            let data = w.data()?;
+            if data.len() != n_i * kb * Q8_0_BYTES {
+                candle_core::bail!("Q8_0 tensor of {n_i}x{k} holds {} bytes", data.len());
+            }
+            for t in 0..n_i / TILE {
+                for b in 0..kb {
+                    let mut tile = Tile {
+                        qs: [0; QK * TILE],
+                        d: [0.0; TILE],
+                    };
+                    for r in 0..TILE {
+                        let block = &data[((t * TILE + r) * kb + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+                        tile.d[r] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                        for (i, &q) in block[2..].iter().enumerate() {
+                            let (g, j) = (i / 4, i % 4);
+                            tile.qs[(g * TILE + r) * 4 + j] = (q as i8 as i16 + 128) as u8;
+                        }
+                    }
+                    tiles.push(tile);
+                }
+            }
+            n += n_i;
+        }
+        Ok(Some(PackedQ8 { n, k, tiles }))
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `x [m, k]` (row-major) times the matrix's transpose: `[m, n]`, on the AVX-512 VNNI kernel
+    /// spread over candle's CPU thread pool. Panics if the CPU lacks it ([`available`]).
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(available(), "the packed Q8_0 kernel needs AVX-512 VNNI");
+        assert_eq!(x.len(), m * self.k);
+        let acts = Acts::quantize(x, m, self.k, true);
+        let mut out = vec![0f32; m * self.n];
+        let kb = self.k / QK;
+        let tile_rows = self.n / TILE;
+        // One sequence (decode): 4 tile rows at a time, for 4 independent accumulator chains.
+        // Several: one tile row against up to 8 input rows at a time, which reuse each load.
+        let per_item = if m == 1 { 4 } else { 1 };
+        let items = tile_rows.div_ceil(per_item);
+        let out_addr = out.as_mut_ptr() as usize;
+        let (n, tiles, acts) = (self.n, &self.tiles, &acts);
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            for item in range {
+                let t0 = item * per_item;
+                let count = per_item.min(tile_rows - t0);
+                let tiles = &tiles[t0 * kb..(t0 + count) * kb];
+                // SAFETY: the CPU has AVX-512 VNNI (asserted above); `tiles` holds `count`
+                // tile rows of `kb` blocks; `acts` holds `m` rows of `k = 32 kb` values; the
+                // kernel writes columns `16 t0..16 (t0 + count)` of the `m` rows of `out`
+                // (`[m, n]`), which no other work item writes, and `out` outlives the call.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let out = (out_addr as *mut f32).add(t0 * TILE);
+                    x86::tile_rows(tiles, count, acts, m, out, n);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (tiles, count, out_addr, n);
+            }
+        });
+        out
+    }
+
+    /// The same arithmetic as the SIMD kernel in portable code, one output value at a time: the
+    /// reference it is tested against (bit for bit), and the documentation of what it computes.
+    pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k);
+        let acts = Acts::quantize(x, m, self.k, false);
+        let kb = self.k / QK;
+        let mut out = vec![0f32; m * self.n];
+        for row in 0..m {
+            for col in 0..self.n {
+                let (t, lane) = (col / TILE, col % TILE);
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let tile = &self.tiles[t * kb + b];
+                    let xq = &acts.qs[row * self.k + b * QK..][..QK];
+                    let mut dot = 0i32;
+                    for (i, &xv) in xq.iter().enumerate() {
+                        let w = tile.qs[((i / 4) * TILE + lane) * 4 + i % 4];
+                        dot += i32::from(w) * i32::from(xv);
+                    }
+                    let a = row * kb + b;
+                    dot -= 128 * acts.sum[a];
+                    acc = (dot as f32).mul_add(tile.d[lane] * acts.d[a], acc);
+                }
+                out[row * self.n + col] = acc;
+            }
+        }
+        out
+    }
+}
+
+/// The input rows quantized to Q8_0: `qs[row * k + i]`, and per 32-value block the scale (the
+/// f16-rounded value ggml stores) and the sum of the block's quants.
+struct Acts {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+impl Acts {
+    /// ggml's `quantize_row_q8_0` (what candle's `BlockQ8_0::from_float` does): per block,
+    /// `d = amax / 127`, `q = round(x / d)` (half away from zero), and the stored scale is `d`
+    /// as an f16. `simd`: the AVX-512 statement of the same (the caller checked [`available`]).
+    fn quantize(x: &[f32], m: usize, k: usize, simd: bool) -> Acts {
+        let blocks = m * k / QK;
+        let mut acts = Acts {
+            qs: vec![0; m * k],
+            d: vec![0.0; blocks],
+            sum: vec![0; blocks],
+        };
+        for (i, (xs, qs)) in x
+            .chunks_exact(QK)
+            .zip(acts.qs.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let (d, sum) = if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked the CPU; both chunks hold 32 values.
+                unsafe {
+                    x86::quantize_block(xs, qs)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no SIMD quantization on this architecture")
+            } else {
+                quantize_block(xs, qs)
+            };
+            acts.d[i] = half::f16::from_f32(d).to_f32();
+            acts.sum[i] = sum;
+        }
+        acts
+    }
+}
+
+/// One block: its quants into `qs`; returns `d` (before f16 rounding) and the quants' sum.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        *q = (v * id).round() as i8;
+        sum += i32::from(*q);
+    }
+    (d, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Acts, Tile, QK, TILE};
+
+    /// [`super::quantize_block`] on 32 values at once. Rounding half away from zero is `t + sign`
+    /// where `t = trunc(y)` and `|y - t| >= 0.5` (`y - t` is exact), and values are clamped to
+    /// the i8 range before narrowing, as `as i8` saturates: equal for every finite input.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; `xs` and `qs` hold 32 values each.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+        debug_assert!(xs.len() == QK && qs.len() == QK);
+        // SAFETY: 32 values (checked by the caller).
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_ps(xs.as_ptr()),
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+            )
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let round = |v: __m512| {
+            let y = _mm512_mul_ps(v, _mm512_set1_ps(id));
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+                _mm512_abs_ps(_mm512_sub_ps(y, t)),
+                _mm512_set1_ps(0.5),
+            );
+            let sign = _mm512_or_ps(_mm512_and_ps(y, _mm512_set1_ps(-0.0)), _mm512_set1_ps(1.0));
+            let r = _mm512_mask_add_ps(t, away, t, sign);
+            let r = _mm512_min_ps(
+                _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+                _mm512_set1_ps(127.0),
+            );
+            _mm512_cvtps_epi32(r)
+        };
+        let (qa, qb) = (round(a), round(b));
+        // SAFETY: 32 bytes of `qs`, 16 from each vector.
+        unsafe {
+            _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128(qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qb));
+        }
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
+    }
+
+    /// Rows of input at a time against one tile row (16 int + 16 float accumulators).
+    const ROWS: usize = 8;
+
+    /// Computes columns `16 t0 .. 16 (t0 + count)` of all `m` rows into `out` (which points at
+    /// column `16 t0` of row 0 of a `[m, ldo]` matrix), `tiles` holding those `count` tile rows.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `tiles.len() == count * kb`; `acts` has `m` rows of `32 kb` values;
+    /// `out` is valid for writes of the `m` rows by `16 count` columns at stride `ldo`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_rows(
+        tiles: &[Tile],
+        count: usize,
+        acts: &Acts,
+        m: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let kb = tiles.len() / count;
+        if m == 1 && count == 4 {
+            // SAFETY: forwarded from the caller.
+            unsafe { kernel::<4, 1>(tiles, kb, acts, 0, out, ldo) };
+            return;
+        }
+        for t in 0..count {
+            let tiles = &tiles[t * kb..(t + 1) * kb];
+            // SAFETY: column offset `16 t` stays within the caller's `16 count` columns.
+            let out = unsafe { out.add(t * TILE) };
+            let mut row = 0;
+            while row < m {
+                let r = (m - row).min(ROWS);
+                // SAFETY: rows `row..row + r` exist; forwarded from the caller.
+                unsafe {
+                    match r {
+                        8 => kernel::<1, 8>(tiles, kb, acts, row, out, ldo),
+                        7 => kernel::<1, 7>(tiles, kb, acts, row, out, ldo),
+                        6 => kernel::<1, 6>(tiles, kb, acts, row, out, ldo),
+                        5 => kernel::<1, 5>(tiles, kb, acts, row, out, ldo),
+                        4 => kernel::<1, 4>(tiles, kb, acts, row, out, ldo),
+                        3 => kernel::<1, 3>(tiles, kb, acts, row, out, ldo),
+                        2 => kernel::<1, 2>(tiles, kb, acts, row, out, ldo),
+                        _ => kernel::<1, 1>(tiles, kb, acts, row, out, ldo),
+                    }
+                }
+                row += r;
+            }
+        }
+    }
+
+    /// `T` tile rows (`tiles[t * kb + b]`) against input rows `row0..row0 + R`.
+    ///
+    /// # Safety
+    /// As [`tile_rows`], for `T` tile rows and input rows `row0..row0 + R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn kernel<const T: usize, const R: usize>(
+        tiles: &[Tile],
+        kb: usize,
+        acts: &Acts,
+        row0: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let k = kb * QK;
+        let xq = acts.qs.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); R]; T];
+        for b in 0..kb {
+            let mut dot = [[_mm512_setzero_si512(); R]; T];
+            for g in 0..QK / 4 {
+                for (t, dot) in dot.iter_mut().enumerate() {
+                    // SAFETY: tile `t * kb + b` exists; 64 aligned bytes at group `g`.
+                    let w = unsafe {
+                        _mm512_load_si512(tiles[t * kb + b].qs.as_ptr().add(g * 64).cast())
+                    };
+                    for (r, dot) in dot.iter_mut().enumerate() {
+                        // SAFETY: 4 quants of input row `row0 + r`, block `b`, group `g`.
+                        let x = unsafe {
+                            xq.add((row0 + r) * k + b * QK + g * 4)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        *dot = _mm512_dpbusd_epi32(*dot, w, _mm512_set1_epi32(x));
+                    }
+                }
+            }
+            for (t, (acc, dot)) in acc.iter_mut().zip(&dot).enumerate() {
+                // SAFETY: 16 aligned scales of tile `t * kb + b`.
+                let dw = unsafe { _mm512_load_ps(tiles[t * kb + b].d.as_ptr()) };
+                for (r, (acc, dot)) in acc.iter_mut().zip(dot).enumerate() {
+                    let a = (row0 + r) * kb + b;
+                    let dot = _mm512_sub_epi32(*dot, _mm512_set1_epi32(128 * acts.sum[a]));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(acts.d[a]));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (r, acc) in acc.iter().enumerate() {
+                // SAFETY: row `row0 + r`, columns `16 t..16 t + 16` of the caller's block.
+                unsafe { _mm512_storeu_ps(out.add((row0 + r) * ldo + t * TILE), *acc) };
+            }
+        }
+    }
+}
+
+impl CustomOp1 for PackedQ8 {
+    fn name(&self) -> &'static str {
+        "q8_0-vnni-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("packed Q8_0 matmul: F32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed Q8_0 matmul: contiguous input expected");
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("packed Q8_0 matmul: input {dims:?}, k = {}", self.k);
+        }
+        let x = &x[start..end];
+        let out = self.matmul(x, x.len() / self.k);
+        *dims.last_mut().expect("checked above") = self.n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Projections of one input: packed together when the kernel applies ([`available`] and every
+/// matrix [`PackedQ8::pack`]s), else candle's `QMatMul` each.
+pub enum Projections {
+    Packed {
+        w: PackedQ8,
+        /// Output features of each projection, in order.
+        sizes: Vec<usize>,
+    },
+    Candle(Vec<QMatMul>),
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Projections::Packed { w, sizes } => write!(f, "Packed({w:?}, {sizes:?})"),
+            Projections::Candle(ws) => write!(f, "Candle({})", ws.len()),
+        }
+    }
+}
+
+impl Projections {
+    /// `ws`: the projections' weights (`[n_i, k]` each). `pack`: use the kernel where it applies.
+    pub fn new(ws: Vec<QTensor>, pack: bool) -> Result<Projections> {
+        if pack && available() {
+            let refs: Vec<&QTensor> = ws.iter().collect();
+            if let Some(w) = PackedQ8::pack(&refs)? {
+                let sizes = ws.iter().map(|w| w.shape().dims()[0]).collect();
+                return Ok(Projections::Packed { w, sizes });
+            }
+        }
+        ws.into_iter()
+            .map(QMatMul::from_qtensor)
+            .collect::<Result<_>>()
+            .map(Projections::Candle)
+    }
+
+    /// Whether the packed kernel runs these.
+    pub fn packed(&self) -> bool {
+        matches!(self, Projections::Packed { .. })
+    }
+
+    /// Each projection of `x` (`[.., k]`), in order. Packed outputs are column slices of one
+    /// result (not contiguous when there are several).
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Packed { w, sizes } => {
+                let y = x.contiguous()?.apply_op1_no_bwd(w)?;
+                if sizes.len() == 1 {
+                    return Ok(vec![y]);
+                }
+                let last = y.rank() - 1;
+                let mut offset = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(last, offset, n);
+                        offset += n;
+                        part
+                    })
+                    .collect()
+            }
+            Projections::Candle(ws) => ws.iter().map(|w| w.forward(x)).collect(),
+        }
+    }
+
+    /// The single projection's output.
+    pub fn forward1(&self, x: &Tensor) -> Result<Tensor> {
+        let mut ys = self.forward(x)?;
+        if ys.len() != 1 {
+            candle_core::bail!("forward1 on {} projections", ys.len());
+        }
+        Ok(ys.remove(0))
+    }
+}
+
+/// Causal grouped-query attention of one sequence's new queries against its F32 KV cache, one
+/// query row of one head at a time: scores `q·k * scale` over positions `0..=past + i`, softmax
+/// (max-shifted), then the probability-weighted sum of values. Each row's arithmetic depends only
+/// on its own query and the cache, so results do not depend on the batch, on how a prompt is cut
+/// into steps, or on the thread count. Rows are spread over candle's CPU thread pool.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalAttention {
+    /// Positions already in the cache before this step's keys.
+    pub past: usize,
+    /// `1 / sqrt(head_dim)`, or the model's own.
+    pub scale: f32,
+}
+
+impl CausalAttention {
+    /// `q` `[heads, len, hd]`; `k`, `v` `[kv_heads, cap, hd]` with positions `0..past + len`
+    /// set. Returns `[len, heads * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compute(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        kv_heads: usize,
+        len: usize,
+        cap: usize,
+        hd: usize,
+    ) -> Vec<f32> {
+        assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads));
+        assert!(self.past + len <= cap);
+        assert_eq!(q.len(), heads * len * hd);
+        assert_eq!(k.len(), kv_heads * cap * hd);
+        assert_eq!(v.len(), kv_heads * cap * hd);
+        let rep = heads / kv_heads;
+        let mut out = vec![0f32; len * heads * hd];
+        let out_addr = out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(heads * len, |range| {
+            let mut scores = Vec::with_capacity(self.past + len);
+            let mut row = vec![0f32; hd];
+            for item in range {
+                let (h, i) = (item / len, item % len);
+                let kvh = h / rep;
+                let qr = &q[(h * len + i) * hd..][..hd];
+                let keys = &k[kvh * cap * hd..][..(self.past + i + 1) * hd];
+                let vals = &v[kvh * cap * hd..][..(self.past + i + 1) * hd];
+                scores.clear();
+                scores.extend(keys.chunks_exact(hd).map(|kr| dot(qr, kr) * self.scale));
+                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                row.fill(0.0);
+                for (&e, vr) in scores.iter().zip(vals.chunks_exact(hd)) {
+                    let p = e / sum;
+                    for (o, &x) in row.iter_mut().zip(vr) {
+                        *o = p.mul_add(x, *o);
+                    }
+                }
+                // SAFETY: row `i`, head `h` of `out` (`[len, heads, hd]`): this item's alone,
+                // and `out` outlives the call.
+                unsafe {
+                    let dst = (out_addr as *mut f32).add((i * heads + h) * hd);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, hd);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// Dot product in 16 independent lanes (vectorized by the compiler), then a fixed pairwise sum.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
+impl candle_core::CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let slice = |s: &'_ CpuStorage, l: &Layout, what: &str| -> Result<(Vec<usize>, usize)> {
+            let CpuStorage::F32(_) = s else {
+                candle_core::bail!("causal attention: F32 {what} expected");
+            };
+            let Some((start, _)) = l.contiguous_offsets() else {
+                candle_core::bail!("causal attention: contiguous {what} expected");
+            };
+            Ok((l.shape().dims().to_vec(), start))
+        };
+        let ((qd, qs), (kd, ks), (vd, vs)) = (
+            slice(q, ql, "queries")?,
+            slice(k, kl, "keys")?,
+            slice(v, vl, "values")?,
+        );
+        let (
+            [heads, len, hd],
+            [kv_heads, cap, khd],
+            [_, _, _],
+            CpuStorage::F32(q),
+            CpuStorage::F32(k),
+            CpuStorage::F32(v),
+        ) = (qd.as_slice(), kd.as_slice(), vd.as_slice(), q, k, v)
+        else {
+            candle_core::bail!("causal attention: q {qd:?}, k {kd:?}, v {vd:?}");
+        };
+        if kd != vd
+            || khd != hd
+            || *kv_heads == 0
+            || heads % kv_heads != 0
+            || self.past + len > *cap
+        {
+            candle_core::bail!(
+                "causal attention: q {qd:?}, k {kd:?}, v {vd:?}, past {}",
+                self.past
+            );
+        }
+        let n = kv_heads * cap * hd;
+        let out = self.compute(
+            &q[qs..qs + heads * len * hd],
+            &k[ks..ks + n],
+            &v[vs..vs + n],
+            *heads,
+            *kv_heads,
+            *len,
+            *cap,
+            *hd,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((*len, heads * hd))))
+    }
+}
