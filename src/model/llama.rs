@@ -158,7 +158,7 @@ impl Llama {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
 
         // Each sequence's causal mask, built once for every layer.
-        let masks = step_masks(seqs, self.heads / self.kv_heads, DType::F32, &self.device)?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {

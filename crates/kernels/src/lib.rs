@@ -1,4 +1,5 @@
-//! Q8_0 matrix products for x86 CPUs with AVX-512 VNNI: the default model's projections.
+//! tagllm's CPU kernels: Q8_0 matrix products for x86 CPUs with AVX-512 VNNI (the default model's
+//! projections), and attention for decode steps ([`decode_attention`]).
 //!
 //! candle 0.11.1 multiplies Q8_0 weights one 32-value block and one output row at a time
 //! (`vec_dot`), and its repacked VNNI kernels need the inner dimension to be a multiple of 256,
@@ -15,6 +16,9 @@
 //! result does not depend on what it is batched with. A portable implementation of the same
 //! arithmetic ([`PackedQ8::matmul_portable`]) is the reference the SIMD kernel is tested against,
 //! bit for bit. CPUs without AVX-512 VNNI (and every GPU) keep candle's `QMatMul`.
+//!
+//! This is a crate of its own so that debug builds (the test suite) compile it optimized: the
+//! root crate builds at opt-level 0 in tests, where these intrinsics would be slower than candle.
 
 use candle_core::{
     quantized::{GgmlDType, QMatMul, QTensor},
@@ -301,6 +305,96 @@ mod x86 {
         (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
     }
 
+    /// [`super::attend_row`] on AVX-512: the query in up to 8 registers, one key row per
+    /// 4-16 FMAs and a horizontal sum, `exp` as a degree-6 polynomial (about 1 ulp), the values'
+    /// weighted sum in registers, one division at the end.
+    ///
+    /// # Safety
+    /// AVX-512 F; `q.len() == out.len() == hd`, `hd` a multiple of 16 up to 128; `keys` and
+    /// `vals` hold `n` rows of `hd`; `scores.len() >= n` rounded up to 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_row(
+        q: &[f32],
+        keys: &[f32],
+        vals: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let c = hd / 16;
+        let n = keys.len() / hd;
+        let (kp, vp, sp) = (keys.as_ptr(), vals.as_ptr(), scores.as_mut_ptr());
+        let mut qv = [_mm512_setzero_ps(); 8];
+        for (t, qv) in qv.iter_mut().enumerate().take(c) {
+            // SAFETY: 16 values of `q` at `16 t < hd`.
+            *qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * t)) };
+        }
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..n {
+            // SAFETY: key row `j < n`, chunks `16 t < hd`.
+            let mut acc = unsafe { _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp.add(j * hd))) };
+            for (t, qv) in qv.iter().enumerate().take(c).skip(1) {
+                acc =
+                    unsafe { _mm512_fmadd_ps(*qv, _mm512_loadu_ps(kp.add(j * hd + 16 * t)), acc) };
+            }
+            let s = _mm512_reduce_add_ps(acc) * scale;
+            max = max.max(s);
+            // SAFETY: `j < n <= scores.len()`.
+            unsafe { *sp.add(j) = s };
+        }
+        let (maxv, mut sumv) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        let mut j = 0;
+        while j < n {
+            // The last chunk is masked to the `n - j` scores that exist.
+            let live: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            // SAFETY: `scores` holds `n` rounded up to 16.
+            let s = unsafe { _mm512_loadu_ps(sp.add(j)) };
+            let e = _mm512_maskz_mov_ps(live, exp(_mm512_sub_ps(s, maxv)));
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(sp.add(j), e) };
+            sumv = _mm512_add_ps(sumv, e);
+            j += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sumv));
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for j in 0..n {
+            // SAFETY: score `j < n`; value row `j`, chunks `16 t < hd`.
+            let p = _mm512_set1_ps(unsafe { *sp.add(j) });
+            for (t, acc) in acc.iter_mut().enumerate().take(c) {
+                *acc =
+                    unsafe { _mm512_fmadd_ps(p, _mm512_loadu_ps(vp.add(j * hd + 16 * t)), *acc) };
+            }
+        }
+        for (t, acc) in acc.iter().enumerate().take(c) {
+            // SAFETY: 16 values of `out` at `16 t < hd`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * t), _mm512_mul_ps(*acc, inv)) };
+        }
+    }
+
+    /// `e^x` for 16 lanes: `x = k ln2 + r` (`|r| <= ln2 / 2`, ln2 in two parts), a degree-6
+    /// Taylor polynomial in `r` (relative error below 2e-7), then `scalef` by `2^k`. Inputs
+    /// below -104 give 0, as `expf` does in f32.
+    #[target_feature(enable = "avx512f")]
+    fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.7));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, k)
+    }
+
     /// Rows of input at a time against one tile row (16 int + 16 float accumulators).
     const ROWS: usize = 8;
 
@@ -503,76 +597,116 @@ impl Projections {
     }
 }
 
-/// Causal grouped-query attention of one sequence's new queries against its F32 KV cache, one
-/// query row of one head at a time: scores `q·k * scale` over positions `0..=past + i`, softmax
-/// (max-shifted), then the probability-weighted sum of values. Each row's arithmetic depends only
-/// on its own query and the cache, so results do not depend on the batch, on how a prompt is cut
-/// into steps, or on the thread count. Rows are spread over candle's CPU thread pool.
+/// One sequence's single new query (a decode step) for [`decode_attention`]: its row `at` of the
+/// step's queries, and its F32 cache `[kv_heads, cap, hd]` whose first `n` positions are set
+/// (this step's key and value included).
 #[derive(Debug, Clone, Copy)]
-pub struct CausalAttention {
-    /// Positions already in the cache before this step's keys.
-    pub past: usize,
-    /// `1 / sqrt(head_dim)`, or the model's own.
-    pub scale: f32,
+pub struct DecodeRow<'a> {
+    pub at: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub cap: usize,
+    pub n: usize,
 }
 
-impl CausalAttention {
-    /// `q` `[heads, len, hd]`; `k`, `v` `[kv_heads, cap, hd]` with positions `0..past + len`
-    /// set. Returns `[len, heads * hd]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn compute(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        heads: usize,
-        kv_heads: usize,
-        len: usize,
-        cap: usize,
-        hd: usize,
-    ) -> Vec<f32> {
-        assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads));
-        assert!(self.past + len <= cap);
-        assert_eq!(q.len(), heads * len * hd);
-        assert_eq!(k.len(), kv_heads * cap * hd);
-        assert_eq!(v.len(), kv_heads * cap * hd);
-        let rep = heads / kv_heads;
-        let mut out = vec![0f32; len * heads * hd];
-        let out_addr = out.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(heads * len, |range| {
-            let mut scores = Vec::with_capacity(self.past + len);
-            let mut row = vec![0f32; hd];
-            for item in range {
-                let (h, i) = (item / len, item % len);
-                let kvh = h / rep;
-                let qr = &q[(h * len + i) * hd..][..hd];
-                let keys = &k[kvh * cap * hd..][..(self.past + i + 1) * hd];
-                let vals = &v[kvh * cap * hd..][..(self.past + i + 1) * hd];
-                scores.clear();
-                scores.extend(keys.chunks_exact(hd).map(|kr| dot(qr, kr) * self.scale));
-                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                row.fill(0.0);
-                for (&e, vr) in scores.iter().zip(vals.chunks_exact(hd)) {
-                    let p = e / sum;
-                    for (o, &x) in row.iter_mut().zip(vr) {
-                        *o = p.mul_add(x, *o);
-                    }
-                }
-                // SAFETY: row `i`, head `h` of `out` (`[len, heads, hd]`): this item's alone,
-                // and `out` outlives the call.
-                unsafe {
-                    let dst = (out_addr as *mut f32).add((i * heads + h) * hd);
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, hd);
-                }
-            }
-        });
-        out
+/// Attention for decode steps, every sequence's one new query row at once: per head, scores
+/// `q·k * scale` over the sequence's `n` positions, softmax (max-shifted), and the
+/// probability-weighted sum of values, each (sequence, head) a work item on candle's CPU thread
+/// pool. `q` is the step's queries `[heads, rows, hd]` (`rows` the step's total). Returns
+/// `[decode.len(), heads * hd]`. A row's result depends only on its query and its cache, so not
+/// on what it is batched with. AVX-512 where [`available`] and `hd` is a multiple of 16 up to
+/// 128, else portable code (which vectorizes less).
+pub fn decode_attention(
+    q: &[f32],
+    rows: usize,
+    decode: &[DecodeRow<'_>],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    decode_attention_with(q, rows, decode, (heads, kv_heads, hd), scale, true)
+}
+
+/// [`decode_attention`], with `allow_simd: false` forcing the portable code (for tests).
+#[doc(hidden)]
+pub fn decode_attention_with(
+    q: &[f32],
+    rows: usize,
+    decode: &[DecodeRow<'_>],
+    (heads, kv_heads, hd): (usize, usize, usize),
+    scale: f32,
+    allow_simd: bool,
+) -> Vec<f32> {
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads) && hd > 0);
+    assert_eq!(q.len(), heads * rows * hd);
+    for r in decode {
+        assert!(r.at < rows && r.n > 0 && r.n <= r.cap);
+        assert_eq!(r.k.len(), kv_heads * r.cap * hd);
+        assert_eq!(r.v.len(), kv_heads * r.cap * hd);
     }
+    let rep = heads / kv_heads;
+    let simd = allow_simd && available() && hd.is_multiple_of(16) && hd <= 128;
+    let mut out = vec![0f32; decode.len() * heads * hd];
+    let out_addr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(decode.len() * heads, |range| {
+        let mut scores = Vec::new();
+        for item in range {
+            let (ri, h) = (item / heads, item % heads);
+            let r = &decode[ri];
+            let base = (h / rep) * r.cap * hd;
+            let qr = &q[(h * rows + r.at) * hd..][..hd];
+            let (keys, vals) = (&r.k[base..][..r.n * hd], &r.v[base..][..r.n * hd]);
+            scores.resize(r.n.next_multiple_of(16), 0.0);
+            // SAFETY: row `ri`, head `h` of `out` (`[decode, heads, hd]`): this item's alone,
+            // and `out` outlives the call.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut((out_addr as *mut f32).add(item * hd), hd)
+            };
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512 checked above; `hd` a multiple of 16 up to 128; `keys` and
+                // `vals` hold `n` rows of `hd`; `scores` holds `n` rounded up to 16.
+                unsafe {
+                    x86::attend_row(qr, keys, vals, scale, &mut scores, dst)
+                };
+            } else {
+                attend_row(qr, keys, vals, scale, &mut scores, dst);
+            }
+        }
+    });
+    out
+}
+
+/// One query row against `keys`/`vals` (`n` rows of `hd`) into `out`, portable.
+fn attend_row(
+    q: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let n = keys.len() / hd;
+    for (s, kr) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+        *s = dot(q, kr) * scale;
+    }
+    let scores = &mut scores[..n];
+    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (&e, vr) in scores.iter().zip(vals.chunks_exact(hd)) {
+        for (o, &x) in out.iter_mut().zip(vr) {
+            *o = e.mul_add(x, *o);
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 /// Dot product in 16 independent lanes (vectorized by the compiler), then a fixed pairwise sum.
@@ -598,69 +732,4 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc[0] + tail
-}
-
-impl candle_core::CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let slice = |s: &'_ CpuStorage, l: &Layout, what: &str| -> Result<(Vec<usize>, usize)> {
-            let CpuStorage::F32(_) = s else {
-                candle_core::bail!("causal attention: F32 {what} expected");
-            };
-            let Some((start, _)) = l.contiguous_offsets() else {
-                candle_core::bail!("causal attention: contiguous {what} expected");
-            };
-            Ok((l.shape().dims().to_vec(), start))
-        };
-        let ((qd, qs), (kd, ks), (vd, vs)) = (
-            slice(q, ql, "queries")?,
-            slice(k, kl, "keys")?,
-            slice(v, vl, "values")?,
-        );
-        let (
-            [heads, len, hd],
-            [kv_heads, cap, khd],
-            [_, _, _],
-            CpuStorage::F32(q),
-            CpuStorage::F32(k),
-            CpuStorage::F32(v),
-        ) = (qd.as_slice(), kd.as_slice(), vd.as_slice(), q, k, v)
-        else {
-            candle_core::bail!("causal attention: q {qd:?}, k {kd:?}, v {vd:?}");
-        };
-        if kd != vd
-            || khd != hd
-            || *kv_heads == 0
-            || heads % kv_heads != 0
-            || self.past + len > *cap
-        {
-            candle_core::bail!(
-                "causal attention: q {qd:?}, k {kd:?}, v {vd:?}, past {}",
-                self.past
-            );
-        }
-        let n = kv_heads * cap * hd;
-        let out = self.compute(
-            &q[qs..qs + heads * len * hd],
-            &k[ks..ks + n],
-            &v[vs..vs + n],
-            *heads,
-            *kv_heads,
-            *len,
-            *cap,
-            *hd,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((*len, heads * hd))))
-    }
 }

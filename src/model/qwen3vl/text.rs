@@ -286,7 +286,7 @@ impl TextDecoder {
             s.cache.reserve(s.cache.len + s.tokens)?;
         }
         let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
-        let masks = step_masks(seqs, self.heads / self.kv_heads, self.dtype, &self.device)?;
+        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
         let mut x = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.in_norm.forward(&x)?;
@@ -348,35 +348,28 @@ impl TextDecoder {
 pub(crate) fn step_masks(
     seqs: &[SeqSlice<'_>],
     rep: usize,
-    dtype: DType,
     device: &Device,
 ) -> Result<Vec<Option<Tensor>>> {
-    let direct = direct_attention(dtype, device);
     seqs.iter()
         .map(|s| {
-            (s.tokens > 1 && !direct)
+            (s.tokens > 1)
                 .then(|| causal_mask(rep, s.tokens, s.cache.len, device))
                 .transpose()
         })
         .collect()
 }
 
-/// Whether [`packed_attention`] runs the direct kernel (`tagllm_kernels::CausalAttention`,
-/// causal by construction, no mask): F32 on the CPU. Other dtypes and devices take the
-/// matmul-and-mask path.
-pub(crate) fn direct_attention(dtype: DType, device: &Device) -> bool {
-    dtype == DType::F32 && device.is_cpu()
-}
-
 /// Grouped-query attention over packed sequences, shared by the llama and Qwen3-VL decoders.
 /// `q` is `[heads, n, hd]`, `k` and `v` are `[kv_heads, n, hd]` (rotated), rows in `seqs` order.
 /// Each sequence's new keys and values are written into its cache at layer `li`, and its queries
-/// attend to the cache: the `rep` query heads sharing a key/value head form one `[rep*len, hd]`
-/// block against it, so keys are never copied per head. Scores and softmax are F32; `masks` come
-/// from [`step_masks`]. On the CPU in F32 ([`direct_attention`]) each query row is computed on
-/// its own by `tagllm_kernels::CausalAttention` instead: no score matrix, no packing of the cache
-/// for a matmul, no mask, and rows spread over the thread pool. Returns `[n, heads*hd]` in `q`'s
-/// dtype.
+/// attend to the cache. A sequence with several new tokens (a prefill) runs as matmuls: the `rep`
+/// query heads sharing a key/value head form one `[rep*len, hd]` block against it, so keys are
+/// never copied per head; scores and softmax are F32; `masks` come from [`step_masks`]. A
+/// sequence with one new token (a decode step) on the CPU in F32 runs on
+/// `tagllm_kernels::decode_attention` instead, all such sequences of the step in one call: no
+/// packing of the cache for a matmul, every (sequence, head) a task on the thread pool. Either
+/// way a sequence's result depends only on its own tokens and cache. Returns `[n, heads*hd]` in
+/// `q`'s dtype.
 pub(crate) fn packed_attention(
     li: usize,
     q: &Tensor,
@@ -390,28 +383,32 @@ pub(crate) fn packed_attention(
     let rep = heads / kv_heads;
     let dtype = q.dtype();
     let scale = (hd as f64).powf(-0.5);
-    let direct = direct_attention(dtype, q.device());
+    let mut at = 0;
+    for s in seqs.iter_mut() {
+        let (kc, vc) = &s.cache.layers[li];
+        kc.slice_set(&k.narrow(1, at, s.tokens)?.contiguous()?, 1, s.cache.len)?;
+        vc.slice_set(&v.narrow(1, at, s.tokens)?.contiguous()?, 1, s.cache.len)?;
+        at += s.tokens;
+    }
+    let direct = dtype == DType::F32 && q.device().is_cpu();
+    let decoded = if direct {
+        decode_rows(q, seqs, li, heads, kv_heads, hd, scale as f32)?
+    } else {
+        None
+    };
     let mut outs = Vec::with_capacity(seqs.len());
     let mut at = 0;
-    for (s, mask) in seqs.iter_mut().zip(masks) {
+    let mut d = 0;
+    for (s, mask) in seqs.iter().zip(masks) {
         let len = s.tokens;
-        let past = s.cache.len;
-        let (kc, vc) = &s.cache.layers[li];
-        kc.slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, past)?;
-        vc.slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, past)?;
-        if direct {
-            let attn = tagllm_kernels::CausalAttention {
-                past,
-                scale: scale as f32,
-            };
-            outs.push(
-                q.narrow(1, at, len)?
-                    .contiguous()?
-                    .apply_op3_no_bwd(kc, vc, &attn)?,
-            );
-            at += len;
+        if let (Some(rows), 1) = (&decoded, len) {
+            outs.push(rows.narrow(0, d, 1)?);
+            d += 1;
+            at += 1;
             continue;
         }
+        let past = s.cache.len;
+        let (kc, vc) = &s.cache.layers[li];
         let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
         let vals = vc.narrow(1, 0, past + len)?;
         // Reduced-precision matmuls want a contiguous right-hand side; F32 reads the view.
@@ -439,6 +436,87 @@ pub(crate) fn packed_attention(
         at += len;
     }
     Tensor::cat(&outs, 0)
+}
+
+/// The decode rows of a step (sequences with one new token) through
+/// `tagllm_kernels::decode_attention`: `[decode rows, heads*hd]`, or `None` when there are none.
+/// `q` is F32 on the CPU; every cache is read in place.
+#[allow(clippy::too_many_arguments)]
+fn decode_rows(
+    q: &Tensor,
+    seqs: &[SeqSlice<'_>],
+    li: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    if !seqs.iter().any(|s| s.tokens == 1) {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let rows = q.dim(1)?;
+    let qs = f32_storage(&q)?;
+    let mut guards = Vec::new();
+    let mut at = 0;
+    for s in seqs {
+        if s.tokens == 1 {
+            let (kc, vc) = &s.cache.layers[li];
+            // Positions allocated: the cache grows in steps up to its capacity.
+            guards.push((
+                at,
+                kc.dim(1)?,
+                s.cache.len + 1,
+                f32_storage(kc)?,
+                f32_storage(vc)?,
+            ));
+        }
+        at += s.tokens;
+    }
+    let decode = guards
+        .iter()
+        .map(|(at, cap, n, k, v)| {
+            Ok(tagllm_kernels::DecodeRow {
+                at: *at,
+                k: f32_slice(k, kv_heads * cap * hd)?,
+                v: f32_slice(v, kv_heads * cap * hd)?,
+                cap: *cap,
+                n: *n,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = tagllm_kernels::decode_attention(
+        f32_slice(&qs, heads * rows * hd)?,
+        rows,
+        &decode,
+        heads,
+        kv_heads,
+        hd,
+        scale,
+    );
+    let n = decode.len();
+    Ok(Some(Tensor::from_vec(out, (n, heads * hd), q.device())?))
+}
+
+/// A contiguous F32 CPU tensor's storage, read-locked, and where its data starts.
+fn f32_storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((start, _))) => {
+            Ok((storage, start))
+        }
+        _ => candle_core::bail!("decode attention: contiguous F32 CPU tensors expected"),
+    }
+}
+
+/// `len` values of a tensor from [`f32_storage`].
+fn f32_slice<'a>(t: &'a (candle_core::StorageRef<'_>, usize), len: usize) -> Result<&'a [f32]> {
+    match &*t.0 {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) if t.1 + len <= v.len() => {
+            Ok(&v[t.1..t.1 + len])
+        }
+        _ => candle_core::bail!("decode attention: {len} values past {} expected", t.1),
+    }
 }
 
 /// Additive mask, `[rep*len, past+len]` in F32: query `i` (repeated `rep` times, one block per
