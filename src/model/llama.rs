@@ -16,7 +16,7 @@ use candle_core::{quantized::gguf_file, DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::qwen3vl::text::{packed_attention, step_masks, KvCache, SeqSlice};
+use super::qwen3vl::text::{direct_attention, packed_attention, step_masks, KvCache, SeqSlice};
 use tagllm_kernels::Projections;
 
 struct Layer {
@@ -158,7 +158,8 @@ impl Llama {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
 
         // Each sequence's causal mask, built once for every layer.
-        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
+        let direct = direct_attention(DType::F32, &self.device, self.head_dim);
+        let masks = step_masks(seqs, self.heads / self.kv_heads, direct, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {

@@ -324,7 +324,7 @@ mod x86 {
         let hd = q.len();
         let c = hd / 16;
         let n = keys.len() / hd;
-        let (kp, vp, sp) = (keys.as_ptr(), vals.as_ptr(), scores.as_mut_ptr());
+        let (kp, sp) = (keys.as_ptr(), scores.as_mut_ptr());
         let mut qv = [_mm512_setzero_ps(); 8];
         for (t, qv) in qv.iter_mut().enumerate().take(c) {
             // SAFETY: 16 values of `q` at `16 t < hd`.
@@ -343,6 +343,27 @@ mod x86 {
             // SAFETY: `j < n <= scores.len()`.
             unsafe { *sp.add(j) = s };
         }
+        // SAFETY: forwarded from the caller.
+        unsafe { softmax_values(scores, n, max, vals, out) };
+    }
+
+    /// The second half of a row's attention: `scores[..n]` (whose maximum is `max`) become
+    /// `exp(s - max)`, and `out` the values' sum weighted by them over their sum.
+    ///
+    /// # Safety
+    /// AVX-512 F; `out.len() == hd`, a multiple of 16 up to 128; `vals` holds at least `n` rows
+    /// of `hd`; `scores.len() >= n` rounded up to 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_values(
+        scores: &mut [f32],
+        n: usize,
+        max: f32,
+        vals: &[f32],
+        out: &mut [f32],
+    ) {
+        let hd = out.len();
+        let c = hd / 16;
+        let (vp, sp) = (vals.as_ptr(), scores.as_mut_ptr());
         let (maxv, mut sumv) = (_mm512_set1_ps(max), _mm512_setzero_ps());
         let mut j = 0;
         while j < n {
@@ -374,6 +395,60 @@ mod x86 {
             // SAFETY: 16 values of `out` at `16 t < hd`.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * t), _mm512_mul_ps(*acc, inv)) };
         }
+    }
+
+    /// Scores of `R` query rows against keys `0..n` stored transposed in blocks of 16
+    /// (`kt[d * stride + j]`, `stride` a multiple of 16 covering `n`), times `scale`, into
+    /// `scores[r * stride + j]`; returns each row's maximum over its first `live[r]` keys.
+    /// Each row's value is `fma` over `d` in order, the same whatever `R` is.
+    ///
+    /// # Safety
+    /// AVX-512 F; `q[r]` holds `hd` values; `kt` holds `hd * stride`; `scores` `R * stride`;
+    /// `live[r] <= n <= stride`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_rows<const R: usize>(
+        q: [&[f32]; R],
+        kt: &[f32],
+        stride: usize,
+        n: usize,
+        live: [usize; R],
+        scale: f32,
+        scores: &mut [f32],
+    ) -> [f32; R] {
+        let hd = q[0].len();
+        let (kp, sp) = (kt.as_ptr(), scores.as_mut_ptr());
+        let scalev = _mm512_set1_ps(scale);
+        let mut max = [f32::NEG_INFINITY; R];
+        let mut jb = 0;
+        while jb < n {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for d in 0..hd {
+                // SAFETY: `d < hd`, `jb + 16 <= stride`.
+                let k = unsafe { _mm512_loadu_ps(kp.add(d * stride + jb)) };
+                for (acc, q) in acc.iter_mut().zip(&q) {
+                    // SAFETY: `d < hd = q.len()`.
+                    let x = _mm512_set1_ps(unsafe { *q.get_unchecked(d) });
+                    *acc = _mm512_fmadd_ps(x, k, *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let s = _mm512_mul_ps(*acc, scalev);
+                // SAFETY: row `r`, keys `jb..jb + 16` within `stride`.
+                unsafe { _mm512_storeu_ps(sp.add(r * stride + jb), s) };
+                let valid = live[r].saturating_sub(jb).min(16);
+                if valid > 0 {
+                    let m: __mmask16 = if valid == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << valid) - 1
+                    };
+                    let v = _mm512_mask_reduce_max_ps(m, s);
+                    max[r] = max[r].max(v);
+                }
+            }
+            jb += 16;
+        }
+        max
     }
 
     /// `e^x` for 16 lanes: `x = k ln2 + r` (`|r| <= ln2 / 2`, ln2 in two parts), a degree-6
@@ -676,6 +751,151 @@ pub fn decode_attention_with(
         }
     });
     out
+}
+
+/// Whether [`prefill_attention`] runs on this CPU for heads of `hd`: AVX-512 ([`available`])
+/// and `hd` a multiple of 16 up to 128. Where it does not, callers keep their matmul path.
+pub fn prefill_attention_available(hd: usize) -> bool {
+    available() && hd > 0 && hd.is_multiple_of(16) && hd <= 128
+}
+
+/// Causal attention of one sequence's `len` new query rows (a prefill) on AVX-512, without score
+/// matrices in memory beyond one block of rows: the cache's keys are transposed once per call
+/// (`[kv_heads][hd][positions]`), then each task takes the query heads of one key/value head for
+/// a few consecutive positions (up to 8 rows), computes their scores 16 keys at a time with every
+/// key vector loaded once for all its rows, and finishes each row with the same softmax and
+/// weighted sum as [`decode_attention`]. Row `i` attends to positions `0..=past + i`.
+///
+/// `q` is the step's queries `[heads, rows, hd]`, the sequence's rows at `at..at + len`; `k`, `v`
+/// its cache `[kv_heads, alloc, hd]` with positions `0..past + len` set. Returns
+/// `[len, heads * hd]`. A row's result depends only on its query and the cache. Panics unless
+/// [`prefill_attention_available`].
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention(
+    q: &[f32],
+    rows: usize,
+    (at, len, past): (usize, usize, usize),
+    k: &[f32],
+    v: &[f32],
+    alloc: usize,
+    (heads, kv_heads, hd): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    assert!(prefill_attention_available(hd));
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads));
+    assert!(at + len <= rows && past + len <= alloc);
+    assert_eq!(q.len(), heads * rows * hd);
+    assert_eq!(k.len(), kv_heads * alloc * hd);
+    assert_eq!(v.len(), kv_heads * alloc * hd);
+    let n = past + len;
+    let stride = n.next_multiple_of(16);
+    let rep = heads / kv_heads;
+    let mut kt = vec![0f32; kv_heads * hd * stride];
+    for (g, ktg) in kt.chunks_exact_mut(hd * stride).enumerate() {
+        for (j, row) in k[g * alloc * hd..][..n * hd].chunks_exact(hd).enumerate() {
+            for (d, &x) in row.iter().enumerate() {
+                ktg[d * stride + j] = x;
+            }
+        }
+    }
+    // Consecutive positions per task, so that a task has up to 8 rows.
+    let per = (8 / rep).max(1);
+    let blocks = len.div_ceil(per);
+    let mut out = vec![0f32; len * heads * hd];
+    let out_addr = out.as_mut_ptr() as usize;
+    let kt = &kt;
+    candle_core::utils::barrier_pool().execute_chunked(kv_heads * blocks, |range| {
+        let mut scores = vec![0f32; 8 * stride];
+        let mut rows_of: Vec<(usize, usize)> = Vec::with_capacity(8 * rep);
+        for item in range {
+            let (g, b) = (item / blocks, item % blocks);
+            rows_of.clear();
+            for i in b * per..((b + 1) * per).min(len) {
+                rows_of.extend((g * rep..(g + 1) * rep).map(|h| (h, i)));
+            }
+            let ktg = &kt[g * hd * stride..][..hd * stride];
+            let vals = &v[g * alloc * hd..][..n * hd];
+            for chunk in rows_of.chunks(8) {
+                // SAFETY: the CPU has AVX-512 and `hd` fits (asserted); `ktg` holds `hd`
+                // rows of `stride`; `scores` 8 rows of `stride`; every row's `live` is at most
+                // `n <= stride`; `vals` holds `n` rows of `hd`; each (head, position) row of
+                // `out` is written by this task alone, and `out` outlives the call.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    prefill_chunk(
+                        q,
+                        rows,
+                        at,
+                        past,
+                        hd,
+                        chunk,
+                        ktg,
+                        stride,
+                        vals,
+                        scale,
+                        &mut scores,
+                        out_addr,
+                        heads,
+                    );
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Up to 8 rows `(head, position)` of [`prefill_attention`]: scores, then softmax and values.
+///
+/// # Safety
+/// As the call site in [`prefill_attention`] states.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn prefill_chunk(
+    q: &[f32],
+    rows: usize,
+    at: usize,
+    past: usize,
+    hd: usize,
+    chunk: &[(usize, usize)],
+    ktg: &[f32],
+    stride: usize,
+    vals: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out_addr: usize,
+    heads: usize,
+) {
+    let qrow = |&(h, i): &(usize, usize)| &q[(h * rows + at + i) * hd..][..hd];
+    let live = |&(_, i): &(usize, usize)| past + i + 1;
+    let n = chunk.iter().map(live).max().unwrap_or(0);
+    macro_rules! rows {
+        ($r:literal) => {{
+            let q: [&[f32]; $r] = std::array::from_fn(|r| qrow(&chunk[r]));
+            let l: [usize; $r] = std::array::from_fn(|r| live(&chunk[r]));
+            // SAFETY: forwarded from the caller.
+            unsafe { x86::score_rows::<$r>(q, ktg, stride, n, l, scale, scores) }.to_vec()
+        }};
+    }
+    let max = match chunk.len() {
+        8 => rows!(8),
+        7 => rows!(7),
+        6 => rows!(6),
+        5 => rows!(5),
+        4 => rows!(4),
+        3 => rows!(3),
+        2 => rows!(2),
+        _ => rows!(1),
+    };
+    for (r, (row, max)) in chunk.iter().zip(max).enumerate() {
+        let (h, i) = *row;
+        // SAFETY: row `i`, head `h` of `out` (`[len, heads, hd]`), this task's alone.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut((out_addr as *mut f32).add((i * heads + h) * hd), hd)
+        };
+        let s = &mut scores[r * stride..(r + 1) * stride];
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::softmax_values(s, live(row), max, vals, dst) };
+    }
 }
 
 /// One query row against `keys`/`vals` (`n` rows of `hd`) into `out`, portable.

@@ -286,7 +286,8 @@ impl TextDecoder {
             s.cache.reserve(s.cache.len + s.tokens)?;
         }
         let (cos, sin) = self.rotary.angles(positions, self.dtype, &self.device)?;
-        let masks = step_masks(seqs, self.heads / self.kv_heads, &self.device)?;
+        let direct = direct_attention(self.dtype, &self.device, self.head_dim);
+        let masks = step_masks(seqs, self.heads / self.kv_heads, direct, &self.device)?;
         let mut x = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.in_norm.forward(&x)?;
@@ -348,15 +349,23 @@ impl TextDecoder {
 pub(crate) fn step_masks(
     seqs: &[SeqSlice<'_>],
     rep: usize,
+    direct: bool,
     device: &Device,
 ) -> Result<Vec<Option<Tensor>>> {
     seqs.iter()
         .map(|s| {
-            (s.tokens > 1)
+            (s.tokens > 1 && !direct)
                 .then(|| causal_mask(rep, s.tokens, s.cache.len, device))
                 .transpose()
         })
         .collect()
+}
+
+/// Whether [`packed_attention`] runs on `tagllm_kernels` (decode and prefill rows alike, no
+/// masks): F32 on a CPU with its AVX-512 kernels, heads of a size they take. Else decode rows
+/// still take `decode_attention` (its portable code) and prefill rows candle's matmuls.
+pub(crate) fn direct_attention(dtype: DType, device: &Device, hd: usize) -> bool {
+    dtype == DType::F32 && device.is_cpu() && tagllm_kernels::prefill_attention_available(hd)
 }
 
 /// Grouped-query attention over packed sequences, shared by the llama and Qwen3-VL decoders.
@@ -364,12 +373,13 @@ pub(crate) fn step_masks(
 /// Each sequence's new keys and values are written into its cache at layer `li`, and its queries
 /// attend to the cache. A sequence with several new tokens (a prefill) runs as matmuls: the `rep`
 /// query heads sharing a key/value head form one `[rep*len, hd]` block against it, so keys are
-/// never copied per head; scores and softmax are F32; `masks` come from [`step_masks`]. A
-/// sequence with one new token (a decode step) on the CPU in F32 runs on
-/// `tagllm_kernels::decode_attention` instead, all such sequences of the step in one call: no
-/// packing of the cache for a matmul, every (sequence, head) a task on the thread pool. Either
-/// way a sequence's result depends only on its own tokens and cache. Returns `[n, heads*hd]` in
-/// `q`'s dtype.
+/// never copied per head; scores and softmax are F32; `masks` come from [`step_masks`]. On the
+/// CPU in F32, a sequence with one new token (a decode step) runs on
+/// `tagllm_kernels::decode_attention` instead, all such sequences of the step in one call (no
+/// packing of the cache for a matmul, every (sequence, head) a task on the thread pool), and
+/// where [`direct_attention`] holds a prefill runs on `tagllm_kernels::prefill_attention` (no
+/// score matrices, no masks). Either way a sequence's result depends only on its own tokens and
+/// cache. Returns `[n, heads*hd]` in `q`'s dtype.
 pub(crate) fn packed_attention(
     li: usize,
     q: &Tensor,
@@ -409,6 +419,18 @@ pub(crate) fn packed_attention(
         }
         let past = s.cache.len;
         let (kc, vc) = &s.cache.layers[li];
+        if direct_attention(dtype, q.device(), hd) {
+            outs.push(prefill_rows(
+                q,
+                (at, len, past),
+                kc,
+                vc,
+                (heads, kv_heads, hd),
+                scale,
+            )?);
+            at += len;
+            continue;
+        }
         let keys = kc.narrow(1, 0, past + len)?; // [kv, L, hd]
         let vals = vc.narrow(1, 0, past + len)?;
         // Reduced-precision matmuls want a contiguous right-hand side; F32 reads the view.
@@ -496,6 +518,32 @@ fn decode_rows(
     );
     let n = decode.len();
     Ok(Some(Tensor::from_vec(out, (n, heads * hd), q.device())?))
+}
+
+/// One sequence's prefill rows through `tagllm_kernels::prefill_attention`: `[len, heads*hd]`.
+fn prefill_rows(
+    q: &Tensor,
+    (at, len, past): (usize, usize, usize),
+    kc: &Tensor,
+    vc: &Tensor,
+    (heads, kv_heads, hd): (usize, usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    let rows = q.dim(1)?;
+    let alloc = kc.dim(1)?;
+    let (qs, ks, vs) = (f32_storage(&q)?, f32_storage(kc)?, f32_storage(vc)?);
+    let out = tagllm_kernels::prefill_attention(
+        f32_slice(&qs, heads * rows * hd)?,
+        rows,
+        (at, len, past),
+        f32_slice(&ks, kv_heads * alloc * hd)?,
+        f32_slice(&vs, kv_heads * alloc * hd)?,
+        alloc,
+        (heads, kv_heads, hd),
+        scale as f32,
+    );
+    Tensor::from_vec(out, (len, heads * hd), q.device())
 }
 
 /// A contiguous F32 CPU tensor's storage, read-locked, and where its data starts.
