@@ -302,10 +302,13 @@ fn backfill(args: &[&str]) -> (i32, String) {
 async fn backfill_resumes_retries_overload_and_reports_failures() {
     let dir = tempfile::tempdir().unwrap();
     // A one-slot queue under a 4-wide stream: notes get RESOURCE_EXHAUSTED and must be retried.
+    // One sequence at a time, so the queue is what fills: with batching the engine moves queued
+    // notes into free batch slots between steps, and whether any is refused depends on timing.
     let p = Proc::spawn(
         &dir.path().join("data"),
         &[
             ("TAGLLM__MODEL__QUEUE_CAPACITY", "1"),
+            ("TAGLLM__MODEL__MAX_BATCH", "1"),
             ("TAGLLM__SERVER__STREAM_CONCURRENCY", "4"),
         ],
         "",
