@@ -98,6 +98,28 @@ pub struct RawNote {
     pub updated_at_ms: i64,
 }
 
+impl RawNote {
+    /// The JSON names of a note's fields (`deny_unknown_fields` refuses any other).
+    pub const JSON_FIELDS: [&'static str; 6] = [
+        "note_id",
+        "category",
+        "title",
+        "body",
+        "images",
+        "updated_at_ms",
+    ];
+
+    /// A note from a JSON object that may carry other fields beside the note's (a JSONL line of
+    /// teacher records or evaluation data: `lang`, `teacher`, `injection`, ...): those are
+    /// dropped, the note's own are parsed as [`RawNote`].
+    pub fn from_json_fields(
+        mut fields: serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Result<RawNote> {
+        fields.retain(|k, _| Self::JSON_FIELDS.contains(&k.as_str()));
+        serde_json::from_value(serde_json::Value::Object(fields))
+    }
+}
+
 fn check_text(field: &str, text: &str, max_chars: usize) -> Result<String> {
     let n = text.chars().count();
     if n > max_chars {
@@ -254,6 +276,22 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_fields_beside_the_note_are_dropped_the_notes_own_parsed() {
+        let line = r#"{"note_id": "n1", "category": "food", "body": "b", "images": ["x.png"],
+            "updated_at_ms": 5, "lang": "en", "teacher": {"tags": {}}, "injection": true}"#;
+        let raw = RawNote::from_json_fields(serde_json::from_str(line).unwrap()).unwrap();
+        assert_eq!(
+            (raw.note_id.as_str(), raw.category.as_str()),
+            ("n1", "food")
+        );
+        assert_eq!((raw.body.as_str(), raw.updated_at_ms), ("b", 5));
+        assert_eq!(raw.image_uris, ["x.png"]);
+        // A note field of the wrong type is still an error.
+        let bad = r#"{"note_id": 7, "lang": "en"}"#;
+        assert!(RawNote::from_json_fields(serde_json::from_str(bad).unwrap()).is_err());
+    }
 
     fn raw(id: &str, body: &str) -> RawNote {
         RawNote {

@@ -183,7 +183,7 @@ fn read_items(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Item>> {
             .filter(|(_, l)| !l.trim().is_empty())
         {
             let at = || format!("{} line {}", file.display(), i + 1);
-            let mut fields: serde_json::Map<String, serde_json::Value> =
+            let fields: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(line).with_context(at)?;
             let injection = fields
                 .get("injection")
@@ -197,14 +197,7 @@ fn read_items(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Item>> {
                 ),
                 None => None,
             };
-            fields.retain(|k, _| {
-                matches!(
-                    k.as_str(),
-                    "note_id" | "category" | "title" | "body" | "images" | "updated_at_ms"
-                )
-            });
-            let raw: RawNote =
-                serde_json::from_value(serde_json::Value::Object(fields)).with_context(at)?;
+            let raw = RawNote::from_json_fields(fields).with_context(at)?;
             items.push(Item {
                 note: raw.validate(&cfg.limits).with_context(at)?,
                 injection,

@@ -110,20 +110,13 @@ pub fn read_notes(path: &Path) -> anyhow::Result<Vec<InputNote>> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let at = || format!("{} line {}", path.display(), i + 1);
-        let mut fields: serde_json::Map<String, Value> =
-            serde_json::from_str(line).with_context(at)?;
+        let fields: serde_json::Map<String, Value> = serde_json::from_str(line).with_context(at)?;
         let lang = fields
             .get("lang")
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
-        fields.retain(|k, _| {
-            matches!(
-                k.as_str(),
-                "note_id" | "category" | "title" | "body" | "images" | "updated_at_ms"
-            )
-        });
-        let raw: RawNote = serde_json::from_value(Value::Object(fields)).with_context(at)?;
+        let raw = RawNote::from_json_fields(fields).with_context(at)?;
         out.push(InputNote { raw, lang });
     }
     Ok(out)
