@@ -406,6 +406,7 @@ pub(crate) fn packed_attention(
     } else {
         None
     };
+    let direct_prefill = direct_attention(dtype, q.device(), hd);
     let mut outs = Vec::with_capacity(seqs.len());
     let mut at = 0;
     let mut d = 0;
@@ -419,7 +420,7 @@ pub(crate) fn packed_attention(
         }
         let past = s.cache.len;
         let (kc, vc) = &s.cache.layers[li];
-        if direct_attention(dtype, q.device(), hd) {
+        if direct_prefill {
             outs.push(prefill_rows(
                 q,
                 (at, len, past),
