@@ -24,6 +24,8 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // tonic's prost codec, decoding from contiguous bytes (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::SliceCodec")
         // Hand-written so the server can send notes it encoded once (src/grpc/wire.rs).
         .extern_path(
             ".tagllm.v1.GetNoteFeaturesResponse",

@@ -1,6 +1,7 @@
 //! The gRPC layer: generated code, the two services, proto <-> domain conversion and the one
 //! `Error -> Status` mapping. Thin by design: validate, convert, call the domain, convert back.
 
+pub mod codec;
 mod features;
 mod size_status;
 mod tagging;
