@@ -5,13 +5,17 @@
 //!     reads fill --data-dir DIR [--notes 10000]        # synthetic tagged notes, before `serve`
 //!     reads run --addr HOST:PORT --redis HOST:PORT [--notes 10000] [--batch 500]
 //!               [--requests 2000] [--concurrency 4] [--rounds 3]
+//!               [--targets note-major,note-major-prost-codec,jagged,redis]
+//!               [--window-kib N] [--adaptive-window]
 //!
 //! `run` first reads every note once through GetNoteFeatures (this fills the server's cache), and
 //! stores each note's `NoteFeatures` message, encoded, in Redis under its id: the bytes the server
 //! sends for that note. Then, for each round, it times the same random batches of ids against
-//! each target: tagllm in both layouts, then Redis `MGET` with every value decoded into the same
-//! `NoteFeatures` message the gRPC client decodes (a ranking service that kept its features in
-//! Redis would decode them too). The client runs on one thread (a current-thread runtime), so
+//! each target: tagllm in both layouts (through the crate's generated client, whose codec decodes
+//! from contiguous bytes: `tagllm::grpc::codec`), NOTE_MAJOR again through tonic's stock
+//! `ProstCodec`, then Redis `MGET` with every value decoded into the same `NoteFeatures` message
+//! the gRPC client decodes (a ranking service that kept its features in Redis would decode them
+//! too). The client runs on one thread (a current-thread runtime), so
 //! the other core is the server's, whichever server it is; `concurrency` calls are in flight at a
 //! time over one connection (HTTP/2 streams for tagllm, a multiplexed connection for Redis).
 //! Prints each round, then median (min-max) over rounds and tagllm's notes/s over Redis's.
@@ -68,6 +72,15 @@ struct RunArgs {
     concurrency: usize,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Which targets to time (all three by default; the ratio needs `redis`).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Target::NoteMajor, Target::NoteMajorProstCodec, Target::Jagged, Target::Redis])]
+    targets: Vec<Target>,
+    /// The gRPC client's HTTP/2 stream and connection windows, KiB (0: h2's default, 64).
+    #[arg(long, default_value_t = 0)]
+    window_kib: u32,
+    /// The gRPC client's HTTP/2 adaptive (BDP-estimating) window.
+    #[arg(long)]
+    adaptive_window: bool,
 }
 
 /// xorshift64*: deterministic, dependency-free randomness for synthetic data.
@@ -126,9 +139,12 @@ fn fill(dir: &std::path::Path, n: usize) {
     store.put_many(&batch).unwrap();
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 enum Target {
     NoteMajor,
+    /// NOTE_MAJOR read through tonic's stock `ProstCodec` instead of the crate's generated client
+    /// (whose `SliceCodec` decodes from contiguous bytes).
+    NoteMajorProstCodec,
     Jagged,
     Redis,
 }
@@ -167,8 +183,9 @@ async fn pass(
         let ch = ch.clone();
         let mut redis = redis.clone();
         tasks.push(tokio::spawn(async move {
-            let mut grpc = pb::feature_service_client::FeatureServiceClient::new(ch)
+            let mut grpc = pb::feature_service_client::FeatureServiceClient::new(ch.clone())
                 .max_decoding_message_size(64 << 20);
+            let mut raw = tonic::client::Grpc::new(ch).max_decoding_message_size(64 << 20);
             let mut rng = Rng(seed + w as u64);
             let mut lat = Vec::with_capacity(per_task);
             for _ in 0..per_task {
@@ -177,6 +194,29 @@ async fn pass(
                     .collect();
                 let t = Instant::now();
                 let found = match target {
+                    Target::NoteMajorProstCodec => {
+                        raw.ready().await.unwrap();
+                        let r: pb::GetNoteFeaturesResponse = raw
+                            .unary(
+                                tonic::Request::new(pb::GetNoteFeaturesRequest {
+                                    note_ids: req,
+                                    groups: vec![],
+                                    include_tags: false,
+                                    layout: pb::Layout::NoteMajor as i32,
+                                }),
+                                http::uri::PathAndQuery::from_static(
+                                    "/tagllm.v1.FeatureService/GetNoteFeatures",
+                                ),
+                                tonic_prost::ProstCodec::<
+                                    pb::GetNoteFeaturesRequest,
+                                    pb::GetNoteFeaturesResponse,
+                                >::default(),
+                            )
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        r.notes.iter().filter(|n| n.found).count()
+                    }
                     Target::NoteMajor | Target::Jagged => {
                         let layout = if target == Target::Jagged {
                             pb::Layout::Jagged
@@ -244,12 +284,20 @@ async fn run(args: RunArgs) {
         requests,
         concurrency,
         rounds,
+        targets,
+        window_kib,
+        adaptive_window,
     } = args;
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    if window_kib > 0 {
+        endpoint = endpoint
+            .initial_stream_window_size(window_kib << 10)
+            .initial_connection_window_size(window_kib << 10);
+    }
+    if adaptive_window {
+        endpoint = endpoint.http2_adaptive_window(true);
+    }
+    let ch = endpoint.connect().await.unwrap();
     let client = redis::Client::open(format!("redis://{redis_addr}/")).unwrap();
     let redis = client.get_multiplexed_async_connection().await.unwrap();
     let ids: Arc<Vec<String>> = Arc::new((0..notes).map(note_id).collect());
@@ -287,7 +335,6 @@ async fn run(args: RunArgs) {
         bytes as f64 / notes as f64
     );
 
-    let targets = [Target::NoteMajor, Target::Jagged, Target::Redis];
     let mut results: Vec<Vec<Pass>> = targets.iter().map(|_| Vec::new()).collect();
     // One untimed pass each, then the rounds; every target sees the same ids in each round.
     for &t in &targets {
@@ -319,19 +366,23 @@ async fn run(args: RunArgs) {
     }
     println!("\n| Target | p50 ms | p99 ms | notes/s | vs Redis |");
     println!("| --- | --- | --- | --- | --- |");
-    let redis_nps = median(results[2].iter().map(|p| p.notes_per_s(batch)).collect()).0;
+    let redis_nps = targets
+        .iter()
+        .position(|&t| t == Target::Redis)
+        .map(|i| median(results[i].iter().map(|p| p.notes_per_s(batch)).collect()).0);
     for (i, t) in targets.iter().enumerate() {
         let (p50, p50lo, p50hi) = median(results[i].iter().map(|p| p.pct(0.5)).collect());
         let (p99, p99lo, p99hi) = median(results[i].iter().map(|p| p.pct(0.99)).collect());
         let (nps, lo, hi) = median(results[i].iter().map(|p| p.notes_per_s(batch)).collect());
         let name = match t {
             Target::NoteMajor => "tagllm GetNoteFeatures, NOTE_MAJOR",
+            Target::NoteMajorProstCodec => "tagllm GetNoteFeatures, NOTE_MAJOR, tonic's ProstCodec",
             Target::Jagged => "tagllm GetNoteFeatures, JAGGED",
             Target::Redis => "Redis MGET + decode",
         };
+        let ratio = redis_nps.map_or("-".to_string(), |r| format!("{:.2}x", nps / r));
         println!(
-            "| {name} | {p50:.2} ({p50lo:.2}-{p50hi:.2}) | {p99:.2} ({p99lo:.2}-{p99hi:.2}) | {nps:.0} ({lo:.0}-{hi:.0}) | {:.2}x |",
-            nps / redis_nps
+            "| {name} | {p50:.2} ({p50lo:.2}-{p50hi:.2}) | {p99:.2} ({p99lo:.2}-{p99hi:.2}) | {nps:.0} ({lo:.0}-{hi:.0}) | {ratio} |"
         );
     }
 }

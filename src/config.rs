@@ -259,6 +259,10 @@ pub struct Limits {
 pub struct CacheConfig {
     /// Most notes held in memory.
     pub max_notes: u64,
+    /// One in this many cache hits is recorded in the eviction policy (moka's TinyLFU), so it
+    /// sees which notes are read at a fraction of the cost of recording every hit; 1 records
+    /// every hit.
+    pub record_hits_every: u64,
 }
 
 /// Log output format.
@@ -390,6 +394,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             max_notes: 1_000_000,
+            record_hits_every: 16,
         }
     }
 }
@@ -517,6 +522,9 @@ impl Config {
         }
         if self.cache.max_notes == 0 {
             return bad("cache.max_notes", "must be at least 1");
+        }
+        if self.cache.record_hits_every == 0 {
+            return bad("cache.record_hits_every", "must be at least 1");
         }
         if self.replica.enabled() {
             if self.replica.poll_secs == 0 {

@@ -32,7 +32,14 @@ impl NoteId {
                 limits.max_note_id_bytes
             ));
         }
-        if raw.chars().any(char::is_control) {
+        // The same test as `chars().any(char::is_control)`, without decoding ASCII ids (nearly
+        // all) character by character.
+        let control = if raw.is_ascii() {
+            raw.bytes().any(|b| b.is_ascii_control())
+        } else {
+            raw.chars().any(char::is_control)
+        };
+        if control {
             return Err("must not contain control characters".into());
         }
         Ok(())
@@ -276,6 +283,25 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn note_id_control_characters_are_refused_ascii_or_not() {
+        let l = Limits::default();
+        for (id, ok) in [
+            ("note-0001", true),
+            ("caf\u{e9}-\u{1F600}", true),
+            ("a\u{0}b", false),
+            ("tab\tid", false),
+            ("del\u{7f}", false),
+            // C1 controls exist only outside ASCII.
+            ("x\u{85}y", false),
+            ("\u{e9}\u{9f}", false),
+            ("\u{e9}\u{a0}", true),
+        ] {
+            assert_eq!(NoteId::check(id, &l).is_ok(), ok, "{id:?}");
+            assert_eq!(ok, !id.chars().any(char::is_control), "{id:?}");
+        }
+    }
 
     #[test]
     fn json_fields_beside_the_note_are_dropped_the_notes_own_parsed() {

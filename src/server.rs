@@ -93,6 +93,7 @@ pub async fn run(
         Arc::new(store),
         schema.clone(),
         cfg.cache.max_notes,
+        cfg.cache.record_hits_every,
     ));
     crate::metrics::install();
     // Bound before anything is served, so a taken port fails the start, not a scrape later.

@@ -7,10 +7,15 @@
 
 use std::{
     path::Path,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use bytes::Bytes;
+use compact_str::CompactString;
+use dashmap::DashMap;
 
 use moka::sync::Cache;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -257,20 +262,70 @@ pub struct CachedNote {
     pub wire: OnceLock<Bytes>,
 }
 
-/// The read path: moka cache in front of the store; computes features once per note.
+/// The notes a [`NoteCache`] holds, looked up by id.
+/// Ids are kept inline in the map's buckets (up to 24 bytes), so most comparisons read no other
+/// memory.
+type Index = DashMap<CompactString, Arc<CachedNote>, foldhash::fast::RandomState>;
+
+/// The read path: notes with their features, computed once per note, in front of the store.
+///
+/// Two structures hold the same entries. moka decides which notes stay (its TinyLFU admission and
+/// LRU eviction, bounded by note count); a sharded hash map (`index`) answers reads. moka's own
+/// lookup records every access for its policy (a concurrent-hash-table probe plus a queued read
+/// that its housekeeping later replays into its access-order deque), which cost ~0.5 ms of a
+/// 500-note call; a read of the index is a hash and a shard's read lock. So reads look up the
+/// index, and one in [`CacheConfig::record_hits_every`](crate::config::CacheConfig) hits is
+/// replayed into moka, so its policy still sees which notes are read, at a fraction of the cost.
+///
+/// Invariants: an entry enters both structures together, under `writes`, and leaves the index
+/// only through moka's eviction listener, and only if the index still holds that very entry (a
+/// newer one for the same id stays). So the index holds what moka holds, once moka's
+/// housekeeping has run.
 pub struct NoteCache {
     store: Arc<dyn Store>,
     schema: Arc<Schema>,
-    cache: Cache<String, Arc<CachedNote>>,
+    index: Arc<Index>,
+    policy: Cache<CompactString, Arc<CachedNote>, foldhash::fast::RandomState>,
+    /// Serializes inserts, so the index and the policy agree on each id's entry.
+    writes: Mutex<()>,
+    /// Replay one in this many hits into `policy`.
+    record_every: u64,
+    /// Hits so far, to choose which to replay.
+    hits: AtomicU64,
+    /// Hits replayed so far.
+    recorded: AtomicU64,
 }
 
 impl NoteCache {
-    /// A cache of at most `max_notes` notes over `store`.
-    pub fn new(store: Arc<dyn Store>, schema: Arc<Schema>, max_notes: u64) -> NoteCache {
+    /// A cache of at most `max_notes` notes over `store`; one in `record_hits_every` hits is
+    /// recorded in the eviction policy (1 records every hit).
+    pub fn new(
+        store: Arc<dyn Store>,
+        schema: Arc<Schema>,
+        max_notes: u64,
+        record_hits_every: u64,
+    ) -> NoteCache {
+        let index: Arc<Index> = Arc::new(DashMap::with_hasher(Default::default()));
+        let evicted = Arc::downgrade(&index);
+        let policy = Cache::builder()
+            .max_capacity(max_notes)
+            .eviction_listener(move |id: Arc<CompactString>, e: Arc<CachedNote>, _cause| {
+                // Replaced: the index already holds the newer entry. Otherwise (evicted, or not
+                // admitted at all): drop it from the index unless a newer entry took its place.
+                if let Some(index) = evicted.upgrade() {
+                    index.remove_if(id.as_str(), |_, cur| Arc::ptr_eq(cur, &e));
+                }
+            })
+            .build_with_hasher(Default::default());
         NoteCache {
             store,
             schema,
-            cache: Cache::new(max_notes),
+            index,
+            policy,
+            writes: Mutex::new(()),
+            record_every: record_hits_every.max(1),
+            hits: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
         }
     }
 
@@ -285,10 +340,21 @@ impl NoteCache {
     }
 
     /// Caches `e` (the only way entries enter the cache, so the size gauge is kept here, off
-    /// the read path).
-    fn insert(&self, e: &Arc<CachedNote>) {
-        self.cache.insert(e.record.note_id.clone(), e.clone());
-        metrics::gauge!("tagllm_cache_entries").set(self.cache.entry_count() as f64);
+    /// the read path). `replace: false` keeps an entry already cached for the id: a read that
+    /// missed and then loaded the store must not put back a record older than one a concurrent
+    /// write cached meanwhile. Returns the entry the cache holds for the id.
+    fn insert(&self, e: Arc<CachedNote>, replace: bool) -> Arc<CachedNote> {
+        let _w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if !replace {
+            if let Some(cur) = self.index.get(e.record.note_id.as_str()) {
+                return cur.clone();
+            }
+        }
+        let id = CompactString::from(e.record.note_id.as_str());
+        self.index.insert(id.clone(), e.clone());
+        self.policy.insert(id, e.clone());
+        metrics::gauge!("tagllm_cache_entries").set(self.policy.entry_count() as f64);
+        e
     }
 
     fn entry(&self, record: StoredNote) -> Arc<CachedNote> {
@@ -300,10 +366,49 @@ impl NoteCache {
         })
     }
 
+    /// Runs the eviction policy's pending work now (tests and shutdown; it otherwise runs as
+    /// reads and writes go).
+    pub fn run_pending_tasks(&self) {
+        self.policy.run_pending_tasks();
+    }
+
+    /// Notes cached now (the policy's count, which the index follows).
+    pub fn len(&self) -> u64 {
+        self.policy.entry_count()
+    }
+
+    /// Whether no note is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cache hits replayed into the eviction policy so far.
+    pub fn recorded_hits(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
+    }
+
     /// Cached notes only (never touches the store): cheap enough for an async thread.
     pub fn get_cached(&self, ids: &[&str]) -> Vec<Option<Arc<CachedNote>>> {
-        let found: Vec<_> = ids.iter().map(|id| self.cache.get(*id)).collect();
+        let found: Vec<Option<Arc<CachedNote>>> = ids
+            .iter()
+            .map(|id| self.index.get(*id).map(|e| e.clone()))
+            .collect();
         let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        if hits > 0 {
+            // Hits numbered n..n+hits; those divisible by record_every go to the policy.
+            let n = self.hits.fetch_add(hits, Ordering::Relaxed);
+            let mut next = (self.record_every - n % self.record_every) % self.record_every;
+            let mut recorded = 0;
+            for f in found.iter().flatten() {
+                if next == 0 {
+                    let _ = self.policy.get(f.record.note_id.as_str());
+                    recorded += 1;
+                    next = self.record_every;
+                }
+                next -= 1;
+            }
+            self.recorded.fetch_add(recorded, Ordering::Relaxed);
+        }
         metrics::counter!("tagllm_cache_lookups_total", "result" => "hit").increment(hits);
         metrics::counter!("tagllm_cache_lookups_total", "result" => "miss")
             .increment(ids.len() as u64 - hits);
@@ -324,9 +429,7 @@ impl NoteCache {
         let records = time_store("get_many", || self.store.get_many(&miss_ids))?;
         for (&i, rec) in missing.iter().zip(records) {
             if let Some(rec) = rec {
-                let e = self.entry(rec);
-                self.insert(&e);
-                found[i] = Some(e);
+                found[i] = Some(self.insert(self.entry(rec), false));
             }
         }
         Ok(())
@@ -342,9 +445,7 @@ impl NoteCache {
     /// Stores durably (blocking), then caches; returns the entry.
     pub fn put(&self, record: StoredNote) -> Result<Arc<CachedNote>, StoreError> {
         time_store("put", || self.store.put(&record))?;
-        let e = self.entry(record);
-        self.insert(&e);
-        Ok(e)
+        Ok(self.insert(self.entry(record), true))
     }
 
     /// Stores several notes in one durable commit (blocking), then caches them.
@@ -352,8 +453,8 @@ impl NoteCache {
         time_store("put_many", || self.store.put_many(&records))?;
         for r in records {
             // Only refresh notes already hot: a replica's catch-up must not evict them.
-            if self.cache.contains_key(&r.note_id) {
-                self.insert(&self.entry(r));
+            if self.index.contains_key(r.note_id.as_str()) {
+                self.insert(self.entry(r), true);
             }
         }
         Ok(())
@@ -384,10 +485,12 @@ impl NoteCache {
         Ok(
             time_store("scan_page", || self.store.scan_page(after, limit))?
                 .into_iter()
-                .map(|r| match self.cache.get(&r.note_id) {
-                    Some(e) if e.record == r => e,
-                    _ => self.entry(r),
-                })
+                .map(
+                    |r| match self.index.get(r.note_id.as_str()).map(|e| e.clone()) {
+                        Some(e) if e.record == r => e,
+                        _ => self.entry(r),
+                    },
+                )
                 .collect(),
         )
     }
@@ -444,6 +547,90 @@ mod tests {
         }
         assert_eq!(ids.len(), 25);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    fn cache(max_notes: u64, record_every: u64) -> (tempfile::TempDir, NoteCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let schema = Arc::new(
+            Schema::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/features.toml"))
+                .unwrap(),
+        );
+        (dir, NoteCache::new(store, schema, max_notes, record_every))
+    }
+
+    /// After churn far past capacity, the read index holds exactly what the eviction policy
+    /// holds (evicted and refused entries leave it), and every note is still in the store.
+    #[test]
+    fn cache_index_follows_the_policy_and_the_store_keeps_everything() {
+        let (_dir, c) = cache(8, 1);
+        let ids: Vec<String> = (0..200).map(|i| format!("n{i:03}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            c.put(note(id, "nike")).unwrap();
+            if i % 3 == 0 {
+                let _ = c.get_cached(&[ids[0].as_str(), id.as_str()]);
+            }
+        }
+        c.run_pending_tasks();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let hits: Vec<String> = c
+            .get_cached(&refs)
+            .into_iter()
+            .flatten()
+            .map(|e| e.record.note_id.clone())
+            .collect();
+        assert!(c.len() <= 8, "{} cached", c.len());
+        assert_eq!(hits.len() as u64, c.len());
+        assert_eq!(c.index.len() as u64, c.len());
+        for id in &hits {
+            assert!(
+                c.policy.contains_key(id.as_str()),
+                "{id} is in the index only"
+            );
+        }
+        // Misses come back from the store, with their features.
+        let all = c.get_many(&refs).unwrap();
+        assert!(all.iter().all(Option::is_some));
+    }
+
+    /// A read that missed and loaded the store never puts back a record older than one a write
+    /// cached meanwhile; a write always replaces.
+    #[test]
+    fn a_miss_fill_never_replaces_a_newer_entry() {
+        let (_dir, c) = cache(100, 1);
+        c.put(note("a", "new")).unwrap();
+        let kept = c.insert(c.entry(note("a", "old")), false);
+        assert_eq!(kept.record.tags[0].value, "new");
+        let got = c.get_cached(&["a"]);
+        assert_eq!(got[0].as_ref().unwrap().record.tags[0].value, "new");
+        c.put(note("a", "newer")).unwrap();
+        c.run_pending_tasks();
+        let got = c.get_cached(&["a"]);
+        assert_eq!(got[0].as_ref().unwrap().record.tags[0].value, "newer");
+        // The replaced entry's eviction notice did not take the new one out of the index.
+        assert_eq!(c.index.len(), 1);
+        assert_eq!(c.len(), 1);
+    }
+
+    /// One hit in `record_hits_every` reaches the eviction policy, counted across calls.
+    #[test]
+    fn one_hit_in_n_is_recorded_in_the_policy() {
+        let (_dir, c) = cache(100, 4);
+        for i in 0..10 {
+            c.put(note(&format!("n{i}"), "nike")).unwrap();
+        }
+        let ids: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+        let mut refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        refs.push("missing"); // misses are not hits
+        for _ in 0..3 {
+            let _ = c.get_cached(&refs);
+        }
+        // Hits 0..30; 0, 4, ..., 28 are recorded.
+        assert_eq!(c.recorded_hits(), 8);
+        let (_dir, every) = cache(100, 1);
+        every.put(note("x", "nike")).unwrap();
+        let _ = every.get_cached(&["x", "x", "y"]);
+        assert_eq!(every.recorded_hits(), 2);
     }
 
     fn at(id: &str, t: i64) -> StoredNote {

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
-use super::{note_features_to_proto, pb, select_groups};
+use super::{note_features_to_proto, pb, select_groups, wire::Encoded};
 use crate::{
     config::Limits,
     domain::NoteId,
@@ -102,17 +102,19 @@ impl FeatureApi {
                     encoded_notes: req
                         .note_ids
                         .iter()
-                        .zip(&found)
+                        .zip(found)
                         .map(|(id, f)| match f {
-                            Some(e) if common => e.wire.get_or_init(|| encode(e)).clone(),
-                            Some(e) => encode(e),
-                            None => pb::NoteFeatures {
-                                note_id: id.clone(),
-                                found: false,
-                                ..Default::default()
-                            }
-                            .encode_to_vec()
-                            .into(),
+                            Some(e) if common => Encoded::cached(e, encode),
+                            Some(e) => Encoded::bytes(encode(&e)),
+                            None => Encoded::bytes(
+                                pb::NoteFeatures {
+                                    note_id: id.clone(),
+                                    found: false,
+                                    ..Default::default()
+                                }
+                                .encode_to_vec()
+                                .into(),
+                            ),
                         })
                         .collect(),
                     ..Default::default()

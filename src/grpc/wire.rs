@@ -9,6 +9,8 @@
 //! and writes those bytes as they are (`encoded_notes`). Decoding is unchanged: clients get
 //! `notes` as before, and the wire format is exactly the generated type's (tested below).
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes};
 use prost::{
     encoding::{self, DecodeContext, WireType},
@@ -16,6 +18,7 @@ use prost::{
 };
 
 use super::pb;
+use crate::store::CachedNote;
 
 /// `tagllm.v1.GetNoteFeaturesResponse` (see the module docs).
 #[derive(Clone, Default, PartialEq, Debug)]
@@ -26,7 +29,48 @@ pub struct GetNoteFeaturesResponse {
     pub jagged: Option<pb::JaggedFeatures>,
     /// Server side only: notes already encoded as `NoteFeatures` messages. They go on the wire as
     /// field 1 before `notes`; a server fills one of the two, never both. Decoding never fills it.
-    pub encoded_notes: Vec<Bytes>,
+    pub encoded_notes: Vec<Encoded>,
+}
+
+/// One note's encoded `NoteFeatures` message.
+#[derive(Clone, Debug)]
+pub struct Encoded(Repr);
+
+#[derive(Clone, Debug)]
+enum Repr {
+    /// The encoding a cached note keeps (`CachedNote::wire`, set by [`Encoded::cached`], the only
+    /// maker). Holding the note, which the read already holds, costs no reference counting.
+    Cached(Arc<CachedNote>),
+    /// Encoded for this answer.
+    Bytes(Bytes),
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, other: &Encoded) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Encoded {
+    /// A cached note's kept encoding, made on first use.
+    pub fn cached(note: Arc<CachedNote>, encode: impl FnOnce(&CachedNote) -> Bytes) -> Encoded {
+        note.wire.get_or_init(|| encode(&note));
+        Encoded(Repr::Cached(note))
+    }
+
+    /// A message encoded for this answer.
+    pub fn bytes(b: Bytes) -> Encoded {
+        Encoded(Repr::Bytes(b))
+    }
+
+    /// The message's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            // `cached` set it, and a OnceLock is never unset.
+            Repr::Cached(n) => n.wire.get().map_or(&[], |b| &b[..]),
+            Repr::Bytes(b) => b,
+        }
+    }
 }
 
 const NOTES: u32 = 1;
@@ -35,6 +79,7 @@ const JAGGED: u32 = 2;
 impl Message for GetNoteFeaturesResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         for b in &self.encoded_notes {
+            let b = b.as_bytes();
             encoding::encode_key(NOTES, WireType::LengthDelimited, buf);
             encoding::encode_varint(b.len() as u64, buf);
             buf.put_slice(b);
@@ -70,7 +115,8 @@ impl Message for GetNoteFeaturesResponse {
         let key = encoding::key_len(NOTES);
         self.encoded_notes
             .iter()
-            .map(|b| key + encoding::encoded_len_varint(b.len() as u64) + b.len())
+            .map(|b| b.as_bytes().len())
+            .map(|n| key + encoding::encoded_len_varint(n as u64) + n)
             .sum::<usize>()
             + encoding::message::encoded_len_repeated(NOTES, &self.notes)
             + self
@@ -129,7 +175,10 @@ mod tests {
             ..Default::default()
         };
         let pre = GetNoteFeaturesResponse {
-            encoded_notes: vec![a.encode_to_vec().into(), b.encode_to_vec().into()],
+            encoded_notes: vec![
+                Encoded::bytes(a.encode_to_vec().into()),
+                Encoded::bytes(b.encode_to_vec().into()),
+            ],
             ..Default::default()
         };
         let bytes = Generated {
