@@ -299,6 +299,12 @@ fn run(
     tracing::info!(
         model = %info.version,
         load_ms = t0.elapsed().as_millis() as u64,
+        // Which Q8_0 matmul CPU projections run on (`TAGLLM_KERNELS` can ask for less).
+        cpu_kernels = match tagllm_kernels::isa() {
+            Some(tagllm_kernels::Isa::Avx512Vnni) => "avx512-vnni",
+            Some(tagllm_kernels::Isa::Avx2) => "avx2",
+            None => "candle",
+        },
         "model loaded and warm"
     );
     state.send_replace(EngineState::Ready(info));

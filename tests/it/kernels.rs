@@ -1,5 +1,5 @@
-//! The Q8_0 kernel (`crates/kernels`): the AVX-512 VNNI path equals its portable statement bit
-//! for bit, for every row count and two stacked matrices, and the portable arithmetic is candle's
+//! The Q8_0 kernel (`crates/kernels`): the AVX-512 VNNI and AVX2 paths equal their portable
+//! statement bit for bit, for every row count and two stacked matrices, and the portable arithmetic is candle's
 //! Q8_0 matmul up to f32 summation order. (The model-level proof, against llama.cpp's logits, is
 //! `model::logits_match_llama_cpp`: the default model runs on this kernel.)
 
@@ -7,7 +7,7 @@ use candle_core::{
     quantized::{GgmlDType, QMatMul, QTensor},
     Device, Module, Tensor,
 };
-use tagllm_kernels::{available, PackedQ8};
+use tagllm_kernels::{Isa, PackedQ8};
 
 const QK: usize = 32;
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -42,25 +42,35 @@ fn portable_arithmetic_matches_candles_q8_0_matmul() {
     let packed = PackedQ8::pack(&[&w]).unwrap().unwrap();
     let x = random(m * k, 2);
     let ours = packed.matmul_portable(&x, m);
-    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+    assert_close_to_candle(&ours, w, x, m);
+    assert!(ours.iter().any(|v| v.abs() > 1.0));
+}
+
+/// `ours` is candle's Q8_0 matmul of `x` (`[m, k]`) by `w` up to f32 rounding of the sums.
+fn assert_close_to_candle(ours: &[f32], w: QTensor, x: Vec<f32>, m: usize) {
+    let k = x.len() / m;
     let theirs: Vec<f32> = QMatMul::from_qtensor(w)
         .unwrap()
-        .forward(&xt)
+        .forward(&Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap())
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(ours.len(), theirs.len());
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
     }
-    assert!(ours.iter().any(|v| v.abs() > 1.0));
 }
 
 #[test]
-fn simd_kernel_equals_the_portable_arithmetic_bit_for_bit() {
-    if !available() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+fn simd_kernels_equal_the_portable_arithmetic_bit_for_bit() {
+    let isas: Vec<Isa> = [Isa::Avx512Vnni, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect();
+    if isas.is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
         return;
     }
     // Two matrices stacked (as q/k/v are), tile rows not a multiple of 4, every row count
@@ -68,29 +78,58 @@ fn simd_kernel_equals_the_portable_arithmetic_bit_for_bit() {
     let (k, parts) = (160, [q8(64, 160, 3), q8(32, 160, 4)]);
     let packed = PackedQ8::pack(&[&parts[0], &parts[1]]).unwrap().unwrap();
     assert_eq!(packed.n(), 96);
-    for m in 1..20 {
-        let x = random(m * k, 10 + m as u64);
-        let simd = packed.matmul(&x, m);
-        let portable = packed.matmul_portable(&x, m);
-        assert_eq!(
-            simd.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "m = {m}"
-        );
-        // A row's output does not depend on the other rows.
-        let alone = packed.matmul(&x[..k], 1);
-        assert_eq!(alone, simd[..96], "m = {m}");
-    }
-    // Rounding ties and near-ties in the input's quantization: with a block's largest value at
-    // 127, `x / d` is `x`, so 2.5 must become 3 and -0.5 become -1 (half away from zero), as
-    // ggml's `roundf` does (round-to-nearest-even, the SIMD default, would give 2 and -0).
-    let ties = [127.0, 2.5, -2.5, 0.5, -0.5, 1.499_999_9, -126.5, 0.0];
-    let x: Vec<f32> = (0..k).map(|i| ties[i % ties.len()]).collect();
     let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(
-        bits(packed.matmul(&x, 1)),
-        bits(packed.matmul_portable(&x, 1))
-    );
+    for &isa in &isas {
+        assert!(packed.runs_on(isa));
+        for m in 1..20 {
+            let x = random(m * k, 10 + m as u64);
+            let simd = packed.matmul_with(&x, m, isa);
+            let portable = packed.matmul_portable(&x, m);
+            assert_eq!(bits(simd.clone()), bits(portable), "{isa:?}, m = {m}");
+            // A row's output does not depend on the other rows.
+            let alone = packed.matmul_with(&x[..k], 1, isa);
+            assert_eq!(alone, simd[..96], "{isa:?}, m = {m}");
+        }
+        // Rounding ties and near-ties in the input's quantization: with a block's largest value
+        // at 127, `x / d` is `x`, so 2.5 must become 3 and -0.5 become -1 (half away from zero),
+        // as ggml's `roundf` does (round-to-nearest-even, the SIMD default, would give 2 and -0).
+        let ties = [127.0, 2.5, -2.5, 0.5, -0.5, 1.499_999_9, -126.5, 0.0];
+        let x: Vec<f32> = (0..k).map(|i| ties[i % ties.len()]).collect();
+        assert_eq!(
+            bits(packed.matmul_with(&x, 1, isa)),
+            bits(packed.matmul_portable(&x, 1)),
+            "{isa:?}"
+        );
+    }
+}
+
+/// A Q8_0 weight of -128 (which ggml's and candle's quantizers never write, but a file may hold)
+/// has no magnitude for AVX2's sign trick: such a matrix is not run on AVX2, and the portable
+/// arithmetic still takes it.
+#[test]
+fn a_minus_128_weight_keeps_a_matrix_off_the_avx2_kernel() {
+    let (n, k) = (16, 64);
+    let mut raw = Vec::new();
+    for r in 0..n {
+        for b in 0..k / QK {
+            raw.extend_from_slice(&[0x00, 0x3c]); // d = 1.0 as f16
+            raw.extend((0..QK).map(|i| ((r * 7 + b * 3 + i) % 255) as u8 ^ 0x80));
+        }
+    }
+    let w = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        GgmlDType::Q8_0,
+        &raw,
+        vec![n, k],
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(raw.contains(&0x80), "a -128 weight is present");
+    let packed = PackedQ8::pack(&[&w]).unwrap().unwrap();
+    assert!(!packed.runs_on(Isa::Avx2));
+    // The portable arithmetic still takes it: candle's, as in the first test.
+    let x = random(3 * k, 9);
+    let ours = packed.matmul_portable(&x, 3);
+    assert_close_to_candle(&ours, w, x, 3);
 }
 
 #[test]

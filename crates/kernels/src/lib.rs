@@ -1,5 +1,6 @@
-//! tagllm's CPU kernels: Q8_0 matrix products for x86 CPUs with AVX-512 VNNI (the default model's
-//! projections), and attention for decode steps ([`decode_attention`]).
+//! tagllm's CPU kernels: Q8_0 matrix products for x86 CPUs with AVX-512 VNNI or AVX2 (the default
+//! model's projections), and attention for decode steps ([`decode_attention`]) and prefills
+//! ([`prefill_attention`], AVX-512).
 //!
 //! candle 0.11.1 multiplies Q8_0 weights one 32-value block and one output row at a time
 //! (`vec_dot`), and its repacked VNNI kernels need the inner dimension to be a multiple of 256,
@@ -14,8 +15,12 @@
 //! Every output value is one lane's `Σ_blocks fma(dot_block as f32, d_w · d_x, acc)` in block
 //! order, whatever the number of input rows or how the work is split across threads, so a row's
 //! result does not depend on what it is batched with. A portable implementation of the same
-//! arithmetic ([`PackedQ8::matmul_portable`]) is the reference the SIMD kernel is tested against,
-//! bit for bit. CPUs without AVX-512 VNNI (and every GPU) keep candle's `QMatMul`.
+//! arithmetic ([`PackedQ8::matmul_portable`]) is the reference the SIMD kernels are tested
+//! against, bit for bit. On AVX2 without AVX-512 VNNI the same tiles run on an AVX2 kernel
+//! ([`Isa::Avx2`]: `vpmaddubsw` on the weights' magnitudes with the signs moved onto the
+//! inputs, as ggml does on AVX2); the integer dot products are the same, so the results are too.
+//! Other CPUs (and every GPU) keep candle's `QMatMul`. `TAGLLM_KERNELS=avx2` or `off` chooses a
+//! lesser path at start ([`isa`]).
 //!
 //! This is a crate of its own so that debug builds (the test suite) compile it optimized: the
 //! root crate builds at opt-level 0 in tests, where these intrinsics would be slower than candle.
@@ -47,6 +52,9 @@ pub struct PackedQ8 {
     k: usize,
     /// `tiles[t * k / 32 + b]`: tile row `t` (output rows `16t..16t + 16`), block `b`.
     tiles: Vec<Tile>,
+    /// No weight is -128 (ggml's and candle's Q8_0 quantizers write -127..=127; a file could
+    /// hold -128, whose magnitude AVX2's `vpsignb` cannot take).
+    symmetric: bool,
 }
 
 impl std::fmt::Debug for PackedQ8 {
@@ -58,15 +66,76 @@ impl std::fmt::Debug for PackedQ8 {
     }
 }
 
-/// Whether this CPU runs the packed kernel (checked once).
+/// The instruction set a [`PackedQ8`] product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F/BW/VNNI: one `vpdpbusd` per 4 inputs of 16 rows.
+    Avx512Vnni,
+    /// AVX2 and FMA: `vpmaddubsw` on the weights' magnitudes with the signs moved onto the
+    /// inputs, then `vpmaddwd`, per 4 inputs of 8 rows (what ggml does on AVX2).
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU has it.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+}
+
+/// `TAGLLM_KERNELS` as set at start (read once): `avx2` or `off` ask for less than the best.
+fn asked() -> &'static str {
+    static ASKED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ASKED.get_or_init(|| {
+        std::env::var("TAGLLM_KERNELS")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    })
+}
+
+/// The instruction set packed products run on: the best this CPU has, unless the environment
+/// variable `TAGLLM_KERNELS` asks for `avx2` (on a CPU that has it: what an AVX2-only CPU runs,
+/// AVX-512 attention included off) or `off` (candle's matmuls, no AVX-512 attention); `None`
+/// where neither kernel runs.
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| match asked() {
+        "off" => None,
+        "avx2" => Some(Isa::Avx2).filter(|i| i.supported()),
+        _ => [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.supported()),
+    })
+}
+
+/// Whether packed products run on this CPU ([`isa`]).
 pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// Whether the attention kernels run on AVX-512: the CPU has it and `TAGLLM_KERNELS` does not
+/// ask for less (checked once).
+fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && !matches!(asked(), "avx2" | "off")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -97,6 +166,7 @@ impl PackedQ8 {
         let kb = k / QK;
         let mut tiles = Vec::new();
         let mut n = 0;
+        let mut symmetric = true;
         for w in ws {
             let n_i = w.shape().dims()[0];
             let data = w.data()?;
@@ -113,6 +183,7 @@ impl PackedQ8 {
                         let block = &data[((t * TILE + r) * kb + b) * Q8_0_BYTES..][..Q8_0_BYTES];
                         tile.d[r] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
                         for (i, &q) in block[2..].iter().enumerate() {
+                            symmetric &= q as i8 != i8::MIN;
                             let (g, j) = (i / 4, i % 4);
                             tile.qs[(g * TILE + r) * 4 + j] = (q as i8 as i16 + 128) as u8;
                         }
@@ -122,7 +193,12 @@ impl PackedQ8 {
             }
             n += n_i;
         }
-        Ok(Some(PackedQ8 { n, k, tiles }))
+        Ok(Some(PackedQ8 {
+            n,
+            k,
+            tiles,
+            symmetric,
+        }))
     }
 
     /// Output features.
@@ -135,12 +211,31 @@ impl PackedQ8 {
         self.k
     }
 
-    /// `x [m, k]` (row-major) times the matrix's transpose: `[m, n]`, on the AVX-512 VNNI kernel
-    /// spread over candle's CPU thread pool. Panics if the CPU lacks it ([`available`]).
+    /// Whether [`PackedQ8::matmul_with`] can run on `isa` (the CPU has it, and for AVX2 no
+    /// weight is -128).
+    pub fn runs_on(&self, isa: Isa) -> bool {
+        isa.supported() && (isa != Isa::Avx2 || self.symmetric)
+    }
+
+    /// `x [m, k]` (row-major) times the matrix's transpose: `[m, n]`, on the [`isa`] kernel
+    /// spread over candle's CPU thread pool, or [`PackedQ8::matmul_portable`] where that
+    /// kernel cannot run this matrix (callers pick candle's kernels instead: [`Projections`]).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert!(available(), "the packed Q8_0 kernel needs AVX-512 VNNI");
+        match isa() {
+            Some(isa) if self.runs_on(isa) => self.matmul_with(x, m, isa),
+            _ => self.matmul_portable(x, m),
+        }
+    }
+
+    /// [`PackedQ8::matmul`] on the given instruction set. Panics unless
+    /// [`PackedQ8::runs_on`]`(isa)`.
+    pub fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32> {
+        assert!(
+            self.runs_on(isa),
+            "the packed Q8_0 kernel cannot run on {isa:?} here"
+        );
         assert_eq!(x.len(), m * self.k);
-        let acts = Acts::quantize(x, m, self.k, true);
+        let acts = Acts::quantize(x, m, self.k, Some(isa));
         let mut out = vec![0f32; m * self.n];
         let kb = self.k / QK;
         let tile_rows = self.n / TILE;
@@ -155,14 +250,18 @@ impl PackedQ8 {
                 let t0 = item * per_item;
                 let count = per_item.min(tile_rows - t0);
                 let tiles = &tiles[t0 * kb..(t0 + count) * kb];
-                // SAFETY: the CPU has AVX-512 VNNI (asserted above); `tiles` holds `count`
-                // tile rows of `kb` blocks; `acts` holds `m` rows of `k = 32 kb` values; the
-                // kernel writes columns `16 t0..16 (t0 + count)` of the `m` rows of `out`
-                // (`[m, n]`), which no other work item writes, and `out` outlives the call.
+                // SAFETY: the CPU has `isa` (asserted above; for AVX2 no weight is -128);
+                // `tiles` holds `count` tile rows of `kb` blocks; `acts` holds `m` rows of
+                // `k = 32 kb` values; the kernel writes columns `16 t0..16 (t0 + count)` of the
+                // `m` rows of `out` (`[m, n]`), which no other work item writes, and `out`
+                // outlives the call.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let out = (out_addr as *mut f32).add(t0 * TILE);
-                    x86::tile_rows(tiles, count, acts, m, out, n);
+                    match isa {
+                        Isa::Avx512Vnni => x86::tile_rows(tiles, count, acts, m, out, n),
+                        Isa::Avx2 => avx2::tile_rows(tiles, count, acts, m, out, n),
+                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (tiles, count, out_addr, n);
@@ -175,7 +274,7 @@ impl PackedQ8 {
     /// reference it is tested against (bit for bit), and the documentation of what it computes.
     pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        let acts = Acts::quantize(x, m, self.k, false);
+        let acts = Acts::quantize(x, m, self.k, None);
         let kb = self.k / QK;
         let mut out = vec![0f32; m * self.n];
         for row in 0..m {
@@ -212,8 +311,9 @@ struct Acts {
 impl Acts {
     /// ggml's `quantize_row_q8_0` (what candle's `BlockQ8_0::from_float` does): per block,
     /// `d = amax / 127`, `q = round(x / d)` (half away from zero), and the stored scale is `d`
-    /// as an f16. `simd`: the AVX-512 statement of the same (the caller checked [`available`]).
-    fn quantize(x: &[f32], m: usize, k: usize, simd: bool) -> Acts {
+    /// as an f16. `simd`: the statement of the same for that instruction set (the caller checked
+    /// the CPU).
+    fn quantize(x: &[f32], m: usize, k: usize, simd: Option<Isa>) -> Acts {
         let blocks = m * k / QK;
         let mut acts = Acts {
             qs: vec![0; m * k],
@@ -225,16 +325,14 @@ impl Acts {
             .zip(acts.qs.chunks_exact_mut(QK))
             .enumerate()
         {
-            let (d, sum) = if simd {
+            let (d, sum) = match simd {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the caller checked the CPU; both chunks hold 32 values.
-                unsafe {
-                    x86::quantize_block(xs, qs)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("no SIMD quantization on this architecture")
-            } else {
-                quantize_block(xs, qs)
+                Some(Isa::Avx512Vnni) => unsafe { x86::quantize_block(xs, qs) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Some(Isa::Avx2) => unsafe { avx2::quantize_block(xs, qs) },
+                _ => quantize_block(xs, qs),
             };
             acts.d[i] = half::f16::from_f32(d).to_f32();
             acts.sum[i] = sum;
@@ -574,9 +672,184 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Acts, Tile, QK, TILE};
+
+    /// Input rows per kernel call. 4 rows x 2 register halves x (accumulator + block dot) is all
+    /// 16 of AVX2's registers, so some spill; still ~10% faster than 2 rows on 64-row products
+    /// (`examples/speed.rs`), as each weight load serves more rows.
+    const ROWS: usize = 4;
+
+    /// [`super::quantize_block`] on AVX2, with the rounding of the AVX-512 statement
+    /// ([`super::x86::quantize_block`]): `t + sign` where `t = trunc(y)` and `|y - t| >= 0.5`,
+    /// clamped to the i8 range. Equal to the portable code for every finite input.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `xs` and `qs` hold 32 values each.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+        debug_assert!(xs.len() == QK && qs.len() == QK);
+        let abs = |v: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+        // SAFETY: 32 values (checked by the caller).
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i32; QK];
+        for (i, &v) in v.iter().enumerate() {
+            let y = _mm256_mul_ps(v, _mm256_set1_ps(id));
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let away = _mm256_cmp_ps::<_CMP_GE_OQ>(abs(_mm256_sub_ps(y, t)), _mm256_set1_ps(0.5));
+            let sign = _mm256_or_ps(_mm256_and_ps(y, _mm256_set1_ps(-0.0)), _mm256_set1_ps(1.0));
+            let r = _mm256_add_ps(t, _mm256_and_ps(away, sign));
+            let r = _mm256_min_ps(
+                _mm256_max_ps(r, _mm256_set1_ps(-128.0)),
+                _mm256_set1_ps(127.0),
+            );
+            // SAFETY: 8 of the 32 i32s.
+            unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(8 * i).cast(), _mm256_cvtps_epi32(r)) };
+        }
+        let mut sum = 0;
+        for (o, &q) in qs.iter_mut().zip(&q) {
+            *o = q as i8;
+            sum += q;
+        }
+        (d, sum)
+    }
+
+    /// As [`super::x86::tile_rows`], on AVX2.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; no weight in `tiles` is -128; otherwise as [`super::x86::tile_rows`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_rows(
+        tiles: &[Tile],
+        count: usize,
+        acts: &Acts,
+        m: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let kb = tiles.len() / count;
+        let mut t = 0;
+        while t < count {
+            let tile_rows = if m == 1 && count - t >= 2 { 2 } else { 1 };
+            let tiles = &tiles[t * kb..(t + tile_rows) * kb];
+            // SAFETY: column offset `16 t` stays within the caller's `16 count` columns.
+            let out = unsafe { out.add(t * TILE) };
+            let mut row = 0;
+            while row < m {
+                let r = (m - row).min(ROWS);
+                // SAFETY: rows `row..row + r` exist; forwarded from the caller.
+                unsafe {
+                    match (tile_rows, r) {
+                        (2, _) => kernel::<2, 1>(tiles, kb, acts, row, out, ldo),
+                        (_, 4) => kernel::<1, 4>(tiles, kb, acts, row, out, ldo),
+                        (_, 3) => kernel::<1, 3>(tiles, kb, acts, row, out, ldo),
+                        (_, 2) => kernel::<1, 2>(tiles, kb, acts, row, out, ldo),
+                        _ => kernel::<1, 1>(tiles, kb, acts, row, out, ldo),
+                    }
+                }
+                row += r;
+            }
+            t += tile_rows;
+        }
+    }
+
+    /// `T` tile rows against input rows `row0..row0 + R`. Each 64-byte group of a tile is two
+    /// registers (rows 0-7 and 8-15), 4 weights of each row per 32-bit lane. The weights are
+    /// stored `+ 128`; flipping the top bit gives them back signed. `vpmaddubsw` multiplies
+    /// unsigned by signed bytes, so it takes `|x|` and the weights with `x`'s signs (`vpsignb`):
+    /// pairs of products stay within i16 (2 x 127 x 127), and `vpmaddwd` by 1 sums each lane's 4.
+    /// That is the block's exact integer dot product, so the f32 arithmetic after it is the
+    /// portable code's, bit for bit.
+    ///
+    /// # Safety
+    /// As [`tile_rows`], for `T` tile rows and input rows `row0..row0 + R`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const T: usize, const R: usize>(
+        tiles: &[Tile],
+        kb: usize,
+        acts: &Acts,
+        row0: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let k = kb * QK;
+        let xq = acts.qs.as_ptr();
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; T];
+        for b in 0..kb {
+            let mut dot = [[[_mm256_setzero_si256(); 2]; R]; T];
+            for g in 0..QK / 4 {
+                let mut xs = [_mm256_setzero_si256(); R];
+                let mut ax = [_mm256_setzero_si256(); R];
+                for r in 0..R {
+                    // SAFETY: 4 quants of input row `row0 + r`, block `b`, group `g`.
+                    let x = unsafe {
+                        xq.add((row0 + r) * k + b * QK + g * 4)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    xs[r] = _mm256_set1_epi32(x);
+                    ax[r] = _mm256_sign_epi8(xs[r], xs[r]);
+                }
+                for (t, dot) in dot.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        // SAFETY: tile `t * kb + b` exists; 32 aligned bytes at group `g`,
+                        // half `h`.
+                        let w = unsafe {
+                            _mm256_load_si256(
+                                tiles[t * kb + b].qs.as_ptr().add(g * 64 + h * 32).cast(),
+                            )
+                        };
+                        let w = _mm256_xor_si256(w, flip);
+                        for (r, dot) in dot.iter_mut().enumerate() {
+                            let p = _mm256_maddubs_epi16(ax[r], _mm256_sign_epi8(w, xs[r]));
+                            dot[h] = _mm256_add_epi32(dot[h], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+            }
+            for (t, (acc, dot)) in acc.iter_mut().zip(&dot).enumerate() {
+                let d = tiles[t * kb + b].d.as_ptr();
+                // SAFETY: 16 aligned scales of tile `t * kb + b`.
+                let dw = unsafe { [_mm256_load_ps(d), _mm256_load_ps(d.add(8))] };
+                for (r, (acc, dot)) in acc.iter_mut().zip(dot).enumerate() {
+                    let dx = _mm256_set1_ps(acts.d[(row0 + r) * kb + b]);
+                    for h in 0..2 {
+                        let scale = _mm256_mul_ps(dw[h], dx);
+                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), scale, acc[h]);
+                    }
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (r, acc) in acc.iter().enumerate() {
+                for (h, acc) in acc.iter().enumerate() {
+                    // SAFETY: row `row0 + r`, columns `16 t + 8 h..+ 8` of the caller's block.
+                    unsafe { _mm256_storeu_ps(out.add((row0 + r) * ldo + t * TILE + h * 8), *acc) };
+                }
+            }
+        }
+    }
+}
+
 impl CustomOp1 for PackedQ8 {
     fn name(&self) -> &'static str {
-        "q8_0-vnni-matmul"
+        "q8_0-packed-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -620,9 +893,9 @@ impl std::fmt::Debug for Projections {
 impl Projections {
     /// `ws`: the projections' weights (`[n_i, k]` each). `pack`: use the kernel where it applies.
     pub fn new(ws: Vec<QTensor>, pack: bool) -> Result<Projections> {
-        if pack && available() {
+        if let (true, Some(isa)) = (pack, isa()) {
             let refs: Vec<&QTensor> = ws.iter().collect();
-            if let Some(w) = PackedQ8::pack(&refs)? {
+            if let Some(w) = PackedQ8::pack(&refs)?.filter(|w| w.runs_on(isa)) {
                 let sizes = ws.iter().map(|w| w.shape().dims()[0]).collect();
                 return Ok(Projections::Packed { w, sizes });
             }
@@ -721,7 +994,7 @@ pub fn decode_attention_with(
         assert_eq!(r.v.len(), kv_heads * r.cap * hd);
     }
     let rep = heads / kv_heads;
-    let simd = allow_simd && available() && hd.is_multiple_of(16) && hd <= 128;
+    let simd = allow_simd && avx512() && hd.is_multiple_of(16) && hd <= 128;
     let mut out = vec![0f32; decode.len() * heads * hd];
     let out_addr = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(decode.len() * heads, |range| {
@@ -756,7 +1029,7 @@ pub fn decode_attention_with(
 /// Whether [`prefill_attention`] runs on this CPU for heads of `hd`: AVX-512 ([`available`])
 /// and `hd` a multiple of 16 up to 128. Where it does not, callers keep their matmul path.
 pub fn prefill_attention_available(hd: usize) -> bool {
-    available() && hd > 0 && hd.is_multiple_of(16) && hd <= 128
+    avx512() && hd > 0 && hd.is_multiple_of(16) && hd <= 128
 }
 
 /// Causal attention of one sequence's `len` new query rows (a prefill) on AVX-512, without score
