@@ -612,6 +612,60 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 
+    /// Writers and readers at once, over a cache far smaller than the ids: afterwards the read
+    /// index and the eviction policy hold the very same entries.
+    #[test]
+    fn index_and_policy_agree_under_concurrent_reads_and_writes() {
+        let (_dir, c) = cache(16, 1);
+        let ids: Vec<String> = (0..64).map(|i| format!("n{i:02}")).collect();
+        std::thread::scope(|s| {
+            for w in 0..2u64 {
+                let (c, ids) = (&c, &ids);
+                s.spawn(move || {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ w;
+                    for i in 0..150 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let id = &ids[(x % 64) as usize];
+                        c.put(note(id, &format!("v{w}-{i}"))).unwrap();
+                    }
+                });
+            }
+            for r in 0..2u64 {
+                let (c, ids) = (&c, &ids);
+                s.spawn(move || {
+                    let mut x = 0x2545_f491_4f6c_dd1du64 ^ r;
+                    for _ in 0..400 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let a = (x % 56) as usize;
+                        let batch: Vec<&str> = ids[a..a + 8].iter().map(String::as_str).collect();
+                        if x.is_multiple_of(3) {
+                            let _ = c.get_many(&batch).unwrap();
+                        } else {
+                            let _ = c.get_cached(&batch);
+                        }
+                    }
+                });
+            }
+        });
+        c.run_pending_tasks();
+        assert!(c.len() <= 16, "{} cached", c.len());
+        assert_eq!(c.index.len() as u64, c.len());
+        // Collected first: no index guard may be held while moka runs (its listener writes).
+        let entries: Vec<(CompactString, Arc<CachedNote>)> = c
+            .index
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (id, e) in entries {
+            let held = c.policy.get(id.as_str()).expect("in the policy too");
+            assert!(Arc::ptr_eq(&held, &e), "{id} differs");
+        }
+    }
+
     /// One hit in `record_hits_every` reaches the eviction policy, counted across calls.
     #[test]
     fn one_hit_in_n_is_recorded_in_the_policy() {
