@@ -72,7 +72,7 @@ struct RunArgs {
     concurrency: usize,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Which targets to time (all three by default; the ratio needs `redis`).
+    /// Which targets to time (all four by default; the ratio needs `redis`).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Target::NoteMajor, Target::NoteMajorProstCodec, Target::Jagged, Target::Redis])]
     targets: Vec<Target>,
     /// The gRPC client's HTTP/2 stream and connection windows, KiB (0: h2's default, 64).

@@ -299,11 +299,13 @@ fn run(
     tracing::info!(
         model = %info.version,
         load_ms = t0.elapsed().as_millis() as u64,
+        device = %info.device,
         // Which Q8_0 matmul CPU projections run on (`TAGLLM_KERNELS` can ask for less).
-        cpu_kernels = match tagllm_kernels::isa() {
-            Some(tagllm_kernels::Isa::Avx512Vnni) => "avx512-vnni",
-            Some(tagllm_kernels::Isa::Avx2) => "avx2",
-            None => "candle",
+        cpu_kernels = match (info.device.as_str(), tagllm_kernels::isa()) {
+            ("cpu", Some(tagllm_kernels::Isa::Avx512Vnni)) => "avx512-vnni",
+            ("cpu", Some(tagllm_kernels::Isa::Avx2)) => "avx2",
+            ("cpu", None) => "candle",
+            _ => "none",
         },
         "model loaded and warm"
     );
