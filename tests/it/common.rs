@@ -97,27 +97,26 @@ impl App {
         .status
     }
 
+    /// `service`'s health status now, if the server answers.
+    pub async fn try_health(&self, service: &str) -> Option<i32> {
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status)
+    }
+
     /// Waits (up to 120 s) for `service`'s health to be SERVING.
     pub async fn wait_serving(&self, service: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))
-                .unwrap()
-                .connect()
-                .await
-            {
-                let mut h = HealthClient::new(ch);
-                if let Ok(r) = h
-                    .check(HealthCheckRequest {
-                        service: service.into(),
-                    })
-                    .await
-                {
-                    if r.into_inner().status == ServingStatus::Serving as i32 {
-                        return;
-                    }
-                }
-            }
+        while self.try_health(service).await != Some(ServingStatus::Serving as i32) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "server never became SERVING"
@@ -178,10 +177,37 @@ pub struct Proc {
 impl Proc {
     /// Starts `tagllm serve` on free ports over `data_dir` with the test model settings, plus
     /// `env` (`TAGLLM__...` overrides), and waits for `service` to be SERVING.
+    ///
+    /// [`free_port`] frees its port before the child binds it, so a test running beside this one
+    /// can take it in between; a child that exits before serving (its port taken) is started
+    /// again on fresh ports, up to three times.
     pub async fn spawn(data_dir: &Path, env: &[(&str, &str)], service: &str) -> Proc {
-        let p = Proc::start(data_dir, env);
-        p.client().wait_serving(service).await;
-        p
+        for _ in 0..3 {
+            let mut p = Proc::start(data_dir, env);
+            if p.serving_unless_exited(service).await {
+                return p;
+            }
+        }
+        panic!("tagllm serve exited before serving, three times (see its stderr above)");
+    }
+
+    /// Waits (up to 120 s) for `service` to be SERVING; false if the child exits first.
+    async fn serving_unless_exited(&mut self, service: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let app = self.client();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if app.try_health(service).await == Some(ServingStatus::Serving as i32) {
+                return true;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never became SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Starts `tagllm serve` like [`Proc::spawn`] without waiting for it.
