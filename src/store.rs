@@ -612,6 +612,14 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 
+    /// xorshift64: the next value of `x` (reproducible test randomness).
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
     /// Writers and readers at once, over a cache far smaller than the ids: afterwards the read
     /// index and the eviction policy hold the very same entries.
     #[test]
@@ -624,10 +632,7 @@ mod tests {
                 s.spawn(move || {
                     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ w;
                     for i in 0..150 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let id = &ids[(x % 64) as usize];
+                        let id = &ids[(xorshift(&mut x) % 64) as usize];
                         c.put(note(id, &format!("v{w}-{i}"))).unwrap();
                     }
                 });
@@ -637,9 +642,7 @@ mod tests {
                 s.spawn(move || {
                     let mut x = 0x2545_f491_4f6c_dd1du64 ^ r;
                     for _ in 0..400 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = xorshift(&mut x);
                         let a = (x % 56) as usize;
                         let batch: Vec<&str> = ids[a..a + 8].iter().map(String::as_str).collect();
                         if x.is_multiple_of(3) {

@@ -87,14 +87,9 @@ impl App {
 
     /// `service`'s health status now.
     pub async fn health(&self, service: &str) -> i32 {
-        let mut h = HealthClient::new(self.channel().await);
-        h.check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
+        self.try_health(service)
+            .await
+            .expect("the server answers a health check")
     }
 
     /// `service`'s health status now, if the server answers.
@@ -115,8 +110,20 @@ impl App {
 
     /// Waits (up to 120 s) for `service`'s health to be SERVING.
     pub async fn wait_serving(&self, service: &str) {
+        assert!(self.serving_unless(service, || false).await);
+    }
+
+    /// Waits (up to 120 s) for `service`'s health to be SERVING; false as soon as `gone()` says
+    /// the server is gone.
+    async fn serving_unless(&self, service: &str, mut gone: impl FnMut() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while self.try_health(service).await != Some(ServingStatus::Serving as i32) {
+        loop {
+            if gone() {
+                return false;
+            }
+            if self.try_health(service).await == Some(ServingStatus::Serving as i32) {
+                return true;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "server never became SERVING"
@@ -193,21 +200,10 @@ impl Proc {
 
     /// Waits (up to 120 s) for `service` to be SERVING; false if the child exits first.
     async fn serving_unless_exited(&mut self, service: &str) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let app = self.client();
-        loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if app.try_health(service).await == Some(ServingStatus::Serving as i32) {
-                return true;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server never became SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let child = &mut self.child;
+        app.serving_unless(service, || matches!(child.try_wait(), Ok(Some(_))))
+            .await
     }
 
     /// Starts `tagllm serve` like [`Proc::spawn`] without waiting for it.
