@@ -126,6 +126,12 @@ enum Command {
         /// Extract at most this many new notes (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// How steps 2 and 3 ask for their JSON answers: json_schema (OpenAI's structured
+        /// outputs: vLLM, SGLang, llama.cpp's server), json_object+schema (llama-cpp-python's
+        /// spelling), json_object (any JSON object) or none. A format the server refuses (HTTP
+        /// 400/422) is replaced by the next one, with a warning.
+        #[arg(long, default_value = "json_schema")]
+        response_format: tagllm::teacher::ResponseFormat,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -349,6 +355,7 @@ fn main() -> anyhow::Result<()> {
             timeout_secs,
             max_tokens,
             limit,
+            response_format,
             quiet,
             common,
         } => {
@@ -371,6 +378,7 @@ fn main() -> anyhow::Result<()> {
                         retries,
                         timeout: std::time::Duration::from_secs(timeout_secs),
                         max_tokens: [max_tokens[0], max_tokens[1], max_tokens[2]],
+                        response_format,
                         limit,
                         progress: !quiet,
                     };

@@ -335,3 +335,52 @@ impl App {
         out
     }
 }
+
+/// Runs `tagllm build-data ARGS`; returns the exit code and stdout + stderr.
+pub fn build_data(args: &[&str], out: &Path) -> (i32, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .current_dir(root())
+        .arg("build-data")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .args(["--quiet", "--adapter", "none"])
+        .env("RUST_LOG", "warn")
+        .env_remove("TAGLLM_TEACHER_URL")
+        .env_remove("TAGLLM_TEACHER_KEY")
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), output_text(&o))
+}
+
+/// A finished child's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// (extracted, already done, failed) from build-data's summary line.
+pub fn counts(text: &str) -> (usize, usize, usize) {
+    let line = text
+        .lines()
+        .find(|l| l.contains(" extracted, "))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let n: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (n[0], n[1], n[2])
+}
+
+/// A JSONL file's records (none if it is missing).
+pub fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -2,12 +2,16 @@
 //! (llama-cpp-python's, installed by `scripts/test-deps.sh`, serving the default GGUF as a stand-in
 //! teacher), including a resumed run and an unreachable teacher; and the committed teacher
 //! dataset checked against what the server reads and what the grammar lets a model write.
+//!
+//! What a 135M model writes as a teacher differs between CPUs (llama.cpp sums in another order
+//! with and without AVX-512), so the real-server test asserts what holds for any answer: the
+//! counts, the resume, the records' checks, and that llama-cpp-python honoured the answer schema
+//! (no answer that is not JSON). The protocol on answers known to parse is `teacher.rs`'s.
 
 use std::{
     collections::HashSet,
     io::{Read, Write},
     net::TcpStream,
-    path::Path,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -22,7 +26,9 @@ use tagllm::{
     tags::parse_output,
 };
 
-use crate::common::{free_port, model_path, root, test_venv};
+use crate::common::{
+    build_data, counts, free_port, lines, model_path, output_text, root, test_venv,
+};
 
 /// llama-cpp-python's OpenAI-compatible server on a free port, killed on drop.
 struct Teacher {
@@ -37,7 +43,9 @@ impl Teacher {
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(model_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--n_ctx", "4096", "--n_threads", "2", "--verbose", "false"])
+            // One thread: the other tests keep both cores busy, and llama.cpp's threads wait for
+            // each other at every op when they do not get a core each.
+            .args(["--n_ctx", "4096", "--n_threads", "1", "--verbose", "false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,54 +81,6 @@ impl Drop for Teacher {
     }
 }
 
-/// Runs `tagllm build-data ARGS`; returns the exit code and stdout + stderr.
-fn build_data(args: &[&str], out: &Path) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tagllm"))
-        .current_dir(root())
-        .arg("build-data")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .args(["--quiet", "--adapter", "none"])
-        .env("RUST_LOG", "warn")
-        .env_remove("TAGLLM_TEACHER_URL")
-        .env_remove("TAGLLM_TEACHER_KEY")
-        .output()
-        .unwrap();
-    (o.status.code().unwrap_or(-1), output_text(&o))
-}
-
-/// A finished child's stdout and stderr, as text.
-fn output_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// (extracted, already done, failed) from build-data's summary line.
-fn counts(text: &str) -> (usize, usize, usize) {
-    let line = text
-        .lines()
-        .find(|l| l.contains(" extracted, "))
-        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
-    let n: Vec<usize> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (n[0], n[1], n[2])
-}
-
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 const NOTES: &str = r#"{"note_id": "bd-1", "category": "sneakers", "title": "Samba OG review", "body": "I bought the adidas Samba OG in white for $100. It runs long, so size down half a size. Great with straight jeans.", "lang": "en"}
 {"note_id": "bd-2", "category": "food", "title": "Best ramen in Tokyo", "body": "Ichiran in Shibuya: rich tonkotsu broth, thin noodles, about 1,000 yen. Go at night to skip the line.", "lang": "en"}
 {"note_id": "bd-3", "category": "美妆", "title": "兰蔻小黑瓶用了一个月", "body": "油皮夏天用也不闷，早晚各一泵，肤色亮了一点。专柜价1080元。", "lang": "zh"}
@@ -153,20 +113,27 @@ fn build_data_against_a_local_openai_server_resumes() {
     assert_eq!((done1 + failed1, skipped1), (2, 0), "{text1}");
     assert_eq!(code1, if failed1 > 0 { 1 } else { 0 }, "{text1}");
 
+    // llama-cpp-python refuses OpenAI's json_schema (HTTP 500) and takes its own spelling: the first
+    // run weakens the format once, with a warning.
+    assert_eq!(
+        text1
+            .matches("asking with a weaker one from now on")
+            .count(),
+        1,
+        "{text1}"
+    );
+
     // The resumed run asks only for what is not in records.jsonl yet.
-    let (_, text2) = build_data(&common, &out);
+    let (code2, text2) = build_data(&common, &out);
     let (done2, skipped2, failed2) = counts(&text2);
     assert_eq!(skipped2, done1, "{text2}");
     assert_eq!(done2 + failed2, 3 - done1, "{text2}");
+    assert_eq!(code2, if failed2 > 0 { 1 } else { 0 }, "{text2}");
 
     let records = read_records(&[out.join("records.jsonl")]).unwrap();
     let ids: HashSet<&str> = records.iter().map(|r| r.note_id.as_str()).collect();
     assert_eq!(ids.len(), records.len(), "a note was extracted twice");
     assert_eq!(records.len(), done1 + done2);
-    assert!(
-        !records.is_empty(),
-        "the teacher produced no usable note:\n{text1}\n{text2}"
-    );
     let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
     for r in &records {
         assert_eq!(r.teacher_model.as_deref(), Some("smollm2"));
@@ -187,8 +154,20 @@ fn build_data_against_a_local_openai_server_resumes() {
             }
         }
     }
+    // Whatever this CPU's llama.cpp made the model write, an answer under the schema is JSON: a
+    // note fails only for an answer cut at its token limit, or one with nothing to keep.
     let failures = lines(&out.join("failures.jsonl"));
     assert_eq!(failures.len(), failed2);
+    assert!(!format!("{text1}{text2}").contains("not a JSON object"));
+    for f in &failures {
+        let reason = f["error"].as_str().unwrap();
+        assert!(
+            reason.contains("answer cut at its token limit")
+                || reason.contains("no candidate")
+                || reason.contains("no tag grounded"),
+            "{reason}\n{text1}\n{text2}"
+        );
+    }
     // Every record is an SFT example in both forms, and tokenized for the default model.
     let plain = lines(&out.join("messages.jsonl"));
     let cot = lines(&out.join("messages_cot.jsonl"));

@@ -15,3 +15,4 @@ mod ops;
 mod qwen3vl;
 mod replica;
 mod security;
+mod teacher;
