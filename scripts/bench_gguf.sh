@@ -13,6 +13,9 @@ NEW=${NEW:-64}
 THREADS=${THREADS:-2}
 RUNS=${RUNS:-6}
 GGUF=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+"$PY" -c 'import llama_cpp' 2>/dev/null ||
+  { echo "$PY has no llama_cpp: set LLAMA_PYTHON (scripts/test-deps.sh makes target/test-venv)" >&2; exit 2; }
+mkdir -p target/bench
 ./models/fetch_default_model.sh >/dev/null
 cargo build --release --bench qwen3vl --quiet
 BIN=$(ls -t target/release/deps/qwen3vl-* | grep -v '\.d$' | head -1)

@@ -28,6 +28,8 @@ ckpt="${CKPT_ROOT:-target/bench}/qwen3vl-$shape${TEXT_LAYERS:+-t$TEXT_LAYERS}${V
 mkdir -p "$out"
 LOAD_BIN="${LOAD_BIN:-$(ls -t target/release/deps/load-* 2>/dev/null | grep -v '\.d$' | head -1)}"
 [ -x "$LOAD_BIN" ] || { echo "no load generator: build it (see the header) or set LOAD_BIN" >&2; exit 2; }
+"$PY" -c 'import PIL, torch, torchvision, transformers' 2>/dev/null ||
+  { echo "$PY lacks torch/transformers: set PY (scripts/qwen3vl-requirements.txt)" >&2; exit 2; }
 
 if [ ! -f "$ckpt/config.json" ]; then
   "$PY" scripts/qwen3vl_shapes.py --shape "$shape" --out "$ckpt" --dtype "$DTYPE" \

@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(ROOT / "target/bench/prompts.json"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if not pathlib.Path(args.prompts).is_file():
+        ap.error(f"{args.prompts} not found: `cargo bench --bench load` writes it")
     spec = json.loads(pathlib.Path(args.prompts).read_text())
     max_new = spec["max_new_tokens"]
     llm = Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,

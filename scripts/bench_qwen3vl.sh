@@ -17,6 +17,8 @@ DIR=${1:-target/bench/qwen3vl-2bw}
 RUNS=${RUNS:-6}
 THREADS=${THREADS:-2}
 OUT=target/bench
+"$PY" -c 'import PIL, torch, torchvision, transformers' 2>/dev/null ||
+  { echo "$PY lacks torch/transformers: set HF_PYTHON (scripts/qwen3vl-requirements.txt)" >&2; exit 2; }
 mkdir -p "$OUT"
 if [ ! -f "$DIR/config.json" ]; then
   "$PY" scripts/bench_qwen3vl_hf.py --write-checkpoint "$DIR" --runs 1 --new-tokens 2 >/dev/null

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Trains a LoRA student for tagllm's default model on teacher data (tag knowledge distillation).
 
-    tagllm build-data --from-records data/distill/train --out target/sft        # token ids
+    tagllm build-data --from-records datasets/distill/train --out target/sft    # token ids
     python scripts/distill.py --tokens target/sft/tokens.jsonl --out models/smollm2/student
 
 The base is the default GGUF itself (models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), dequantized

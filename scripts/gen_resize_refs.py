@@ -1,6 +1,6 @@
 """Generates resize reference cases: torch uint8 bicubic antialias on deterministic images.
 
-Usage: /work/venvs/hf/bin/python scripts/gen_resize_refs.py tests/fixtures/qwen3vl/imgproc/resize_torch.json [--check OTHER.json]
+Usage: /work/venvs/hf/bin/python scripts/gen_resize_refs.py tests/fixtures/qwen3vl/imgproc/resize_torch.json
 (torch as pinned in scripts/qwen3vl-requirements.txt; CI does not need it.)
 Images come from splitmix64 (see tests/it/image_proc.rs for the same generator).
 """
@@ -94,10 +94,15 @@ def main():
             # torch's AVX kernel asserts when a 1x1 output looks channels-last (not a Qwen size)
             print("torch failed", case, str(e)[:80], file=sys.stderr)
             continue
-        case["fnv1a"] = format(fnv1a_fast(a), "016x")
-        res.append(case)
-    json.dump({"torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
-               "cases": res}, open(dst, "w"), indent=0)
+        res.append([ih, iw, oh, ow, seed, mode, format(fnv1a_fast(a), "016x")])
+    # The layout tests/it/image_proc.rs reads: {"meta": {...}, "cases": [[in_h, in_w, out_h, out_w,
+    # seed, mode, fnv1a], ...]}, one case a line.
+    meta = {"generator": "gen_resize_refs.py", "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "note": "torch.nn.functional.interpolate(uint8 NCHW contiguous, mode=bicubic, antialias=True); "
+                    "images from splitmix64; fnv1a-64 of HWC output"}
+    with open(dst, "w") as f:
+        f.write('{"meta": ' + json.dumps(meta) + ',\n"cases": [\n' + ",\n".join(json.dumps(c) for c in res) + "\n]}\n")
     print(len(res), "cases", torch.backends.cpu.get_cpu_capability())
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ nothing is downloaded:
     /work/venvs/hf/bin/python scripts/qwen3vl_shapes.py --shape 2b|4b --out DIR \\
         [--dtype bf16|f32] [--device cpu|cuda] [--text-layers N] [--vision-depth N] [--seed 0]
 
-Keep DIR outside the repository: at full depth the 2B checkpoint is about 4.3 GB in BF16 (8.5 GB
-in F32), the 4B one about 8.9 GB in BF16.
+Keep DIR outside the repository, or under its target/ (ignored by git): at full depth the 2B
+checkpoint is about 4.3 GB in BF16 (8.5 GB in F32), the 4B one about 8.9 GB in BF16.
 
 Shapes (SHAPES in scripts/qwen3vl_common.py, shared with scripts/bench_qwen3vl_hf.py). They are
 the real checkpoints' config.json values, checked against public copies of
@@ -172,8 +172,9 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
     out = Path(args.out).resolve()
-    if out == REPO or REPO in out.parents:
-        ap.error("--out must be outside the repository")
+    # target/ is ignored by git: scripts/bench_gpu.sh keeps its checkpoints in target/bench.
+    if (out == REPO or REPO in out.parents) and REPO / "target" not in out.parents:
+        ap.error("--out must be outside the repository (or under its target/)")
     if out.exists() and any(out.iterdir()):
         ap.error(f"--out {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
