@@ -156,6 +156,7 @@ impl Client {
         loop {
             match self.post(&body(format.request_field(schema))).await {
                 Ok(answer) => {
+                    tracing::debug!(format = format.name(), cut = answer.cut, answer = %answer.content, "teacher answer");
                     if format != first {
                         let was = self.format.fetch_max(format as u8, Ordering::Relaxed);
                         if was < format as u8 {

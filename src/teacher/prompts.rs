@@ -38,8 +38,7 @@ pub fn step1_prompt(note: &RawNote, images: usize) -> String {
     s
 }
 
-/// Step 2's user message. Its answer shape is [`super::schema::candidates`]: every dimension a
-/// key, in handbook order, an empty list where the note says nothing.
+/// Step 2's user message. Its answer shape is [`super::schema::candidates`].
 pub fn step2_prompt(category: &Category, limits: &Limits) -> String {
     let keys: Vec<&str> = category.dimensions.iter().map(|d| d.key.as_str()).collect();
     format!(
@@ -47,9 +46,9 @@ pub fn step2_prompt(category: &Category, limits: &Limits) -> String {
          candidate values, each with its evidence: the words of the note, or what an image shows. \
          Write each value as the final tag would be: 1 to 4 words, at most {c} characters, in the \
          note's language, with brand names and price bands written like the handbook's examples. \
-         Answer with one JSON object and nothing else: {{\"<dimension>\": [{{\"value\": \"...\", \
-         \"evidence\": \"...\"}}]}}, with these keys in this order: {keys}; an empty list for a \
-         dimension the note says nothing about.",
+         Leave out dimensions the note says nothing about. Answer with one JSON object and \
+         nothing else: {{\"<dimension>\": [{{\"value\": \"...\", \"evidence\": \"...\"}}]}}, \
+         where <dimension> is one of: {keys}.",
         c = limits.max_tag_chars,
         keys = keys.join(", ")
     )
