@@ -12,11 +12,12 @@
 //! `max_tag_chars` characters, no repeats, and every tag among its dimension's candidates (an
 //! ungrounded tag is dropped). Steps 2 and 3 send their answer's JSON schema as a structured
 //! output ([`schema`]): step 2's names the category's dimensions and bounds every value, step 3's
-//! allows only step 2's candidates, so a teacher that honours it always writes a parseable,
-//! grounded answer; a server that refuses a schema is asked again without one ([`client`]).
-//! Results are appended to `records.jsonl` as they finish (the
-//! `datasets/distill` format), so a stopped run resumes where it was: notes already there are
-//! skipped. Failures (after retries) go to `failures.jsonl`, rewritten each run.
+//! allows only step 2's candidates, so a teacher that honours it writes a parseable, grounded
+//! answer (unless cut at its token limit); a server that refuses the schema's spelling is asked
+//! again in a weaker one ([`ResponseFormat`]), once per run. Results are appended to
+//! `records.jsonl` as they finish (the `datasets/distill` format), so a stopped run resumes where
+//! it was: notes already there are skipped. Failures (after retries) go to `failures.jsonl`,
+//! rewritten each run.
 
 mod client;
 pub mod prompts;

@@ -98,8 +98,8 @@ fn object<'a>(
 }
 
 /// How an answer's shape is asked for, strongest first. A server that refuses one (HTTP 400 or
-/// 422, or an error naming `response_format`) is asked again with the next; see
-/// [`super::client`].
+/// 422, or an error naming `response_format`) is asked again with the next (the teacher's
+/// client keeps the weaker one for the rest of the run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ResponseFormat {
     /// OpenAI's structured outputs: `{"type": "json_schema", "json_schema": {name, strict:
