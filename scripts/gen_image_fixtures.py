@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/images")
+out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "tests/fixtures/images")
 out.mkdir(parents=True, exist_ok=True)
 
 

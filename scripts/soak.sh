@@ -18,10 +18,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port="$(free_port)"
 mport="$(free_port)"
 data="$(mktemp -d)"
-trap 'rm -rf "$data"' EXIT
 TAGLLM__SERVER__METRICS_ADDR="127.0.0.1:$mport" RUST_LOG=warn \
   ./target/release/tagllm serve --addr "127.0.0.1:$port" --data-dir "$data" &
 pid=$!
+# The server never outlives the script, whichever step fails.
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 1 120); do
   if curl -sf "http://127.0.0.1:$mport/metrics" | grep -q '^tagllm_model_ready 1'; then break; fi
   sleep 0.5
