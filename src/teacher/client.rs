@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::{
     prompts::{
-        first_object, parse_candidates, parse_tags, step1_prompt, step2_prompt, step3_prompt,
-        system_prompt,
+        first_object, object_at, parse_candidates, parse_tags, step1_prompt, step2_prompt,
+        step3_prompt, system_prompt,
     },
     schema::{self, AnswerSchema, ResponseFormat},
     InputNote, TeacherOptions,
@@ -263,12 +263,7 @@ fn object(
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
     let text = &answer.content;
     let found = if answer.cut {
-        text.find('{').and_then(|i| {
-            serde_json::Deserializer::from_str(&text[i..])
-                .into_iter::<serde_json::Map<String, Value>>()
-                .next()
-                .and_then(Result::ok)
-        })
+        text.find('{').and_then(|i| object_at(&text[i..]))
     } else {
         first_object(text)
     };

@@ -71,14 +71,20 @@ pub fn step3_prompt(limits: &Limits) -> String {
 pub fn first_object(text: &str) -> Option<Map<String, Value>> {
     let mut rest = text;
     while let Some(i) = rest.find('{') {
-        let mut it =
-            serde_json::Deserializer::from_str(&rest[i..]).into_iter::<Map<String, Value>>();
-        if let Some(Ok(obj)) = it.next() {
+        if let Some(obj) = object_at(&rest[i..]) {
             return Some(obj);
         }
         rest = &rest[i + 1..];
     }
     None
+}
+
+/// The JSON object that `text` starts with (anything may follow it).
+pub fn object_at(text: &str) -> Option<Map<String, Value>> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Map<String, Value>>()
+        .next()
+        .and_then(Result::ok)
 }
 
 fn dimension_key(category: &Category, key: &str) -> Option<String> {
