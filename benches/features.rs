@@ -5,7 +5,11 @@
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tagllm::{config::Limits, features::Schema, handbook::Handbook, tags};
+use tagllm::{
+    domain::{normalize, Limits},
+    features::Schema,
+    tagging::{handbook::Handbook, tags},
+};
 
 fn benches(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -18,7 +22,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| tags::parse_output(std::hint::black_box(output), cat, &limits))
     });
     c.bench_function("normalize (full-width)", |b| {
-        b.iter(|| tags::normalize(std::hint::black_box("ＡＩＲ　 Jordan 1 Retro High OG")))
+        b.iter(|| normalize(std::hint::black_box("ＡＩＲ　 Jordan 1 Retro High OG")))
     });
     let parsed = tags::parse_output(output, cat, &limits);
     c.bench_function("schema.features (12 tags, 8 groups)", |b| {

@@ -30,12 +30,13 @@ use std::{
 };
 
 use tagllm::{
-    config::{Config, Decoding, Requantize},
+    config::{Config, Decoding},
     domain::RawNote,
     grpc::pb,
-    handbook::Handbook,
+    model::Requantize,
     model::{chat::ChatTemplate, tokenizer, TextModel},
-    prompt,
+    tagging::handbook::Handbook,
+    tagging::prompt,
 };
 use tonic::transport::Channel;
 

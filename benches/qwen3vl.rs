@@ -15,10 +15,7 @@
 
 use std::time::Instant;
 
-use tagllm::{
-    config::Requantize,
-    model::{qwen3vl::image_proc, LoadOptions, TextModel},
-};
+use tagllm::model::{qwen3vl::image_proc, LoadOptions, PromptInput, Requantize, TextModel};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
@@ -193,7 +190,12 @@ fn gguf(
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..=runs {
         let inputs: Vec<_> = (0..batch)
-            .map(|s| (ids.as_slice(), &[][..], s, 0))
+            .map(|slot| PromptInput {
+                ids: &ids,
+                images: &[],
+                slot,
+                shared_prefix: 0,
+            })
             .collect();
         let t = Instant::now();
         let out = model.prefill_batch(&inputs).unwrap();

@@ -29,11 +29,11 @@ use std::{
 use clap::{Parser, Subcommand};
 use prost::Message;
 use tagllm::{
+    domain::normalize,
     domain::{Tag, Versions},
     grpc::pb,
-    handbook::Handbook,
     store::{RedbStore, Store, StoredNote},
-    tags::normalize,
+    tagging::handbook::Handbook,
 };
 use tonic::transport::Channel;
 

@@ -10,6 +10,8 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::{domain::Limits, model::Requantize};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -76,7 +78,7 @@ pub struct ReplicaConfig {
     /// a poll but committed just after it is not missed.
     pub overlap_ms: i64,
     /// TLS to an `https://` upstream: `ca_file`, and `cert_file` + `key_file` for mutual TLS.
-    pub tls: crate::upstream::ClientTls,
+    pub tls: crate::client::upstream::ClientTls,
 }
 
 impl Default for ReplicaConfig {
@@ -85,7 +87,7 @@ impl Default for ReplicaConfig {
             upstream: String::new(),
             poll_secs: 5,
             overlap_ms: 10_000,
-            tls: crate::upstream::ClientTls::default(),
+            tls: crate::client::upstream::ClientTls::default(),
         }
     }
 }
@@ -141,17 +143,6 @@ mod optional_addr {
             }),
         }
     }
-}
-
-/// How the model's weights are held in memory.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Requantize {
-    /// As stored in the file.
-    None,
-    /// Q4_1 matrices re-quantized to Q8_0 at load: candle has AVX2 kernels for Q8_0 but only a
-    /// scalar loop for Q4_1 (measured ~3-9x faster here; near-lossless, ~1.7x weight memory).
-    Q8_0,
 }
 
 /// How tags are decoded.
@@ -218,39 +209,6 @@ pub struct ModelConfig {
     pub context_tokens: usize,
     /// Tagging jobs waiting for the engine; beyond it TagNote answers RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
-}
-
-/// Request limits, enforced at the edge with errors that name the field and the limit.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Longest note id (bytes).
-    pub max_note_id_bytes: usize,
-    /// Longest category key (bytes).
-    pub max_category_bytes: usize,
-    /// Longest title (characters).
-    pub max_title_chars: usize,
-    /// Longest body (characters).
-    pub max_body_chars: usize,
-    /// Most images per note.
-    pub max_images: usize,
-    /// Largest inline image (bytes).
-    pub max_image_bytes: usize,
-    /// Longest image URI (bytes).
-    pub max_image_uri_bytes: usize,
-    /// Most pixels (width x height) of a decoded inline image; checked from the header, before
-    /// any pixel memory is allocated, so a decompression bomb costs nothing.
-    pub max_image_pixels: u64,
-    /// Longest side of an inline image (pixels).
-    pub max_image_side: u32,
-    /// Most note ids per GetNoteFeatures call.
-    pub max_ids_per_request: usize,
-    /// Most tags kept per dimension of a note.
-    pub max_tags_per_dimension: usize,
-    /// Most tags kept per note.
-    pub max_tags_per_note: usize,
-    /// Longest tag value kept (characters, after normalization).
-    pub max_tag_chars: usize,
 }
 
 /// In-memory feature cache.
@@ -366,26 +324,6 @@ impl Default for ModelConfig {
             max_new_tokens: 192,
             context_tokens: 4096,
             queue_capacity: 64,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_note_id_bytes: 128,
-            max_category_bytes: 64,
-            max_title_chars: 512,
-            max_body_chars: 8192,
-            max_images: 9,
-            max_image_bytes: 8 << 20,
-            max_image_uri_bytes: 2048,
-            max_image_pixels: 24_000_000,
-            max_image_side: 16_384,
-            max_ids_per_request: 5000,
-            max_tags_per_dimension: 3,
-            max_tags_per_note: 24,
-            max_tag_chars: 24,
         }
     }
 }
@@ -540,7 +478,7 @@ impl Config {
                     format!("{u:?} is not a URL like http://tagger:50051"),
                 );
             }
-            if let Err(e) = crate::upstream::endpoint(u, &self.replica.tls) {
+            if let Err(e) = crate::client::upstream::endpoint(u, &self.replica.tls) {
                 return bad("replica.tls", format!("{e:#}"));
             }
         }

@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{domain::Tag, tags::normalize};
+use crate::{domain::normalize, domain::Tag};
 
 /// Seed of the stable tag hash. Changing it changes every hashed id: never do.
 pub const HASH_SEED: u64 = 0;
@@ -228,7 +228,7 @@ impl Schema {
                 Vec::new()
             } else {
                 for d in &g.dimensions {
-                    if !crate::handbook::is_valid_key(d) {
+                    if !crate::tagging::handbook::is_valid_key(d) {
                         return Err(err(&place, format!("dimension {d:?} is not a valid key")));
                     }
                 }

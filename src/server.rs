@@ -9,14 +9,14 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::{
+    client::replica::{Follower, ReplicaState},
     config::{Config, LogFormat},
     features::Schema,
     grpc::{pb, FeatureApi, TagApi, FEATURE_SERVICE, TAG_SERVICE},
-    handbook::Handbook,
     model::engine::{EngineConfig, EngineHandle, EngineState},
-    replica::{Follower, ReplicaState},
     store::{NoteCache, RedbStore},
-    tagger::Tagger,
+    tagging::handbook::Handbook,
+    tagging::tagger::Tagger,
 };
 
 /// Installs the global `tracing` subscriber (text or JSON); `RUST_LOG` overrides the filter.
@@ -83,7 +83,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let (handbook, schema) = load_guidance(&cfg)?;
-    let tokens = crate::auth::Tokens::load(cfg.auth.token_file.as_deref())?;
+    let tokens = crate::grpc::auth::Tokens::load(cfg.auth.token_file.as_deref())?;
     let tls = tls_config(&cfg.tls)?;
     let data_dir = cfg.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
@@ -264,7 +264,7 @@ pub async fn run(
         // Metrics outermost, so refused calls are counted with their status.
         let server = builder
             .layer(crate::metrics::GrpcMetricsLayer)
-            .layer(crate::auth::AuthLayer::new(tokens))
+            .layer(crate::grpc::auth::AuthLayer::new(tokens))
             .layer(crate::grpc::SizeStatusLayer)
             .add_service(health_service)
             .add_service(reflection_v1)

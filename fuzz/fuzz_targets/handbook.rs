@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tagllm::handbook::Handbook;
+use tagllm::tagging::handbook::Handbook;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(h) = Handbook::parse(text, "fuzz.toml") {
         for c in std::iter::once(&h.fallback).chain(&h.categories) {
             let _ = c.guidance();
-            let _ = tagllm::grammar::tag_grammar(c, &tagllm::config::Limits::default());
+            let _ = tagllm::tagging::grammar::tag_grammar(c, &tagllm::domain::Limits::default());
         }
     }
 });

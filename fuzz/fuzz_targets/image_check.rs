@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tagllm::config::Limits;
+use tagllm::domain::Limits;
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits {
@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         max_image_side: 4096,
         ..Limits::default()
     };
-    if let Ok(info) = tagllm::images::check("f", data, &limits) {
+    if let Ok(info) = tagllm::tagging::images::check("f", data, &limits) {
         assert!(u64::from(info.width) * u64::from(info.height) <= limits.max_image_pixels);
     }
 });

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tagllm::{config::Limits, handbook::Handbook, tags::parse_output};
+use tagllm::{domain::Limits, tagging::handbook::Handbook, tagging::tags::parse_output};
 
 fn handbook() -> &'static Handbook {
     static H: OnceLock<Handbook> = OnceLock::new();

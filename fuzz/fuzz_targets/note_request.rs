@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tagllm::{config::Limits, grpc::pb};
+use tagllm::{domain::Limits, grpc::pb};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(req) = pb::TagNoteRequest::decode(data) else {
@@ -20,6 +20,6 @@ fuzz_target!(|data: &[u8]| {
         assert!(note.id.as_str().len() <= limits.max_note_id_bytes);
         assert!(note.body.chars().count() <= limits.max_body_chars);
         assert!(note.images.len() <= limits.max_images);
-        let _ = tagllm::images::check_note(&note, &limits);
+        let _ = tagllm::tagging::images::check_note(&note, &limits);
     }
 });

@@ -1,20 +1,21 @@
 //! The gRPC layer: generated code, the two services, proto <-> domain conversion and the one
 //! `Error -> Status` mapping. Thin by design: validate, convert, call the domain, convert back.
 
+pub mod auth;
 pub mod codec;
-mod features;
+mod feature_service;
 mod size_status;
-mod tagging;
+mod tag_service;
 mod wire;
 
-pub use features::{FeatureApi, ModelVersion};
+pub use feature_service::{FeatureApi, ModelVersion};
 pub use size_status::SizeStatusLayer;
-pub use tagging::TagApi;
+pub use tag_service::TagApi;
 
 use crate::{
-    config::Limits,
+    domain::error::Error,
+    domain::Limits,
     domain::{ImageRef, Note, RawNote},
-    error::Error,
     features::Schema,
     store::CachedNote,
 };

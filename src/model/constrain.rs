@@ -1,4 +1,4 @@
-//! Constrained decoding with llguidance: the grammar of [`crate::grammar`] is compiled once per
+//! Constrained decoding with llguidance: the grammar of [`crate::tagging::grammar`] is compiled once per
 //! category (cached; each note gets a cheap clone of the compiled matcher) and masks the logits at
 //! every step, so every output parses and holds only handbook dimensions within the limits.
 //!
@@ -17,7 +17,8 @@ use llguidance::{
     Matcher, ParserFactory,
 };
 
-use crate::tags::{normalize, ValueTracker};
+use super::values::ValueTracker;
+use crate::domain::normalize;
 
 /// Tokens left at which [`Constraint`] starts closing the answer. The longest forced path to the
 /// end is a key literal (a few tokens), one value character, then `"`, `]` and `}`.

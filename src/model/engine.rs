@@ -14,10 +14,11 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    chat::Message, prefix::PrefixCache, qwen3vl::image_proc::ProcessedImage, EncodedPrompt,
-    GenParams, Generation, LoadOptions, ModelError, ModelInfo, Sequence, TextModel,
+    chat::Message,
+    qwen3vl::image_proc::ProcessedImage,
+    scheduler::{cancelled_while_queued, BatchModel, Scheduler},
+    GenParams, Generation, LoadOptions, ModelError, ModelInfo, PromptInput, Requantize, TextModel,
 };
-use crate::config::Requantize;
 
 /// What the engine needs to start.
 #[derive(Debug, Clone)]
@@ -73,6 +74,20 @@ pub struct Job {
     pub enqueued: Instant,
     /// Where the result goes; a closed receiver means the caller left, and the job is dropped.
     pub reply: oneshot::Sender<Result<JobOutput, ModelError>>,
+}
+
+impl Job {
+    /// How to generate its answer, in a context of `context_tokens`.
+    pub fn params(&self, context_tokens: usize) -> GenParams {
+        GenParams {
+            max_new_tokens: self.max_new_tokens,
+            context_tokens,
+            assistant_prefix: self.assistant_prefix.clone(),
+            stop_at_json_end: true,
+            grammar: self.grammar.clone(),
+            shared_prefix: 0,
+        }
+    }
 }
 
 /// A finished job.
@@ -282,7 +297,14 @@ fn run(
             if model.batches() {
                 // Through the batch path (slot 0), the one the engine serves with: no second
                 // cache for the single-sequence path.
-                let first = model.prefill_batch(&[(&p, &[], 0, 0)])?.remove(0);
+                let first = model
+                    .prefill_batch(&[PromptInput {
+                        ids: &p,
+                        images: &[],
+                        slot: 0,
+                        shared_prefix: 0,
+                    }])?
+                    .remove(0);
                 model
                     .decode_batch(&[(super::argmax(&first.logits), 0)])
                     .map(|_| ())
@@ -316,35 +338,16 @@ fn run(
         Ordering::Relaxed,
     );
     if batching {
-        run_batched(&cfg, &mut model, &mut rx, &stats);
+        Scheduler::new(model.max_batch(), cfg.max_batch_tokens, cfg.context_tokens)
+            .run(&mut model, &mut rx, &stats);
     } else {
         run_sequential(&cfg, &mut model, &mut rx, &stats);
     }
     state.send_replace(EngineState::Failed("engine stopped".into()));
 }
 
-fn params_for(job: &Job, cfg: &EngineConfig) -> GenParams {
-    GenParams {
-        max_new_tokens: job.max_new_tokens,
-        context_tokens: cfg.context_tokens,
-        assistant_prefix: job.assistant_prefix.clone(),
-        stop_at_json_end: true,
-        grammar: job.grammar.clone(),
-        shared_prefix: 0,
-    }
-}
-
-/// Encodes a job's prompt, cutting the note to fit the context left after generation and images.
-fn encode(model: &TextModel, job: &Job, cfg: &EngineConfig) -> Result<EncodedPrompt, ModelError> {
-    let room = cfg
-        .context_tokens
-        .saturating_sub(job.max_new_tokens)
-        .saturating_sub(model.extra_image_tokens(&job.images));
-    model.encode_chat_within(&job.messages, &job.assistant_prefix, room)
-}
-
 /// Counts a finished job and sends its result.
-fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &EngineStats) {
+pub(super) fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &EngineStats) {
     match &result {
         Err(ModelError::Cancelled) => {
             stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -380,11 +383,6 @@ fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &EngineStats) {
     let _ = job.reply.send(result);
 }
 
-fn cancelled_while_queued(stats: &EngineStats) {
-    stats.cancelled.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("tagllm_engine_jobs_total", "outcome" => "cancelled").increment(1);
-}
-
 /// One job at a time (models whose KV cache holds one sequence: the GGUF models).
 fn run_sequential(
     cfg: &EngineConfig,
@@ -402,10 +400,10 @@ fn run_sequential(
         stats.running.store(1, Ordering::Relaxed);
         stats.peak_batch.fetch_max(1, Ordering::Relaxed);
         let queue = job.enqueued.elapsed();
-        let result = encode(model, &job, cfg).and_then(|prompt| {
+        let result = BatchModel::encode(model, &job, cfg.context_tokens).and_then(|prompt| {
             let params = GenParams {
                 shared_prefix: prompt.shared_prefix,
-                ..params_for(&job, cfg)
+                ..job.params(cfg.context_tokens)
             };
             model
                 .generate_with_images(&prompt.ids, &job.images, &params, &|| job.reply.is_closed())
@@ -417,235 +415,5 @@ fn run_sequential(
         });
         reply(job, result, stats);
         stats.running.store(0, Ordering::Relaxed);
-    }
-}
-
-/// A job being decoded.
-struct Running {
-    job: Job,
-    seq: Sequence,
-    slot: usize,
-    next: u32,
-    queue: Duration,
-    truncated: bool,
-}
-
-/// A job whose prompt is encoded, waiting for a slot and prefill budget.
-struct Admitted {
-    job: Job,
-    prompt: Vec<u32>,
-    shared_prefix: usize,
-    truncated: bool,
-    queue: Duration,
-    /// Prompt tokens (image tokens included), before any prefix reuse.
-    cost: usize,
-}
-
-/// Continuous batching: between decode steps, waiting jobs join (up to `max_batch` sequences and
-/// `max_batch_tokens` prompt tokens prefilled per step), finished ones leave, and a job whose
-/// caller went away is dropped before the next step, freeing its slot. Each sequence keeps its own
-/// KV cache, so a job's tokens do not depend on what it was batched with.
-fn run_batched(
-    cfg: &EngineConfig,
-    model: &mut TextModel,
-    rx: &mut mpsc::Receiver<Job>,
-    stats: &EngineStats,
-) {
-    let max_batch = model.max_batch();
-    let mut free: Vec<usize> = (0..max_batch).rev().collect();
-    let mut running: Vec<Running> = Vec::new();
-    let mut waiting: Option<Admitted> = None;
-    let mut open = true;
-    loop {
-        // 1. Admit while there are slots and prefill budget.
-        let mut batch: Vec<(Admitted, usize)> = Vec::new();
-        let mut budget = cfg.max_batch_tokens;
-        while !free.is_empty() {
-            let next = match waiting.take() {
-                Some(a) => a,
-                None => {
-                    let job = if running.is_empty() && batch.is_empty() && open {
-                        match rx.blocking_recv() {
-                            Some(j) => j,
-                            None => {
-                                open = false;
-                                break;
-                            }
-                        }
-                    } else {
-                        match rx.try_recv() {
-                            Ok(j) => j,
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                open = false;
-                                break;
-                            }
-                        }
-                    };
-                    metrics::gauge!("tagllm_engine_queue_depth").set(rx.len() as f64);
-                    if job.reply.is_closed() {
-                        cancelled_while_queued(stats);
-                        continue;
-                    }
-                    let queue = job.enqueued.elapsed();
-                    match encode(model, &job, cfg) {
-                        Ok(p) => Admitted {
-                            cost: p.ids.len() + model.extra_image_tokens(&job.images),
-                            job,
-                            prompt: p.ids,
-                            shared_prefix: p.shared_prefix,
-                            truncated: p.truncated,
-                            queue,
-                        },
-                        Err(e) => {
-                            reply(job, Err(e), stats);
-                            continue;
-                        }
-                    }
-                }
-            };
-            // Tokens this prompt will actually compute: its shared prefix is free when the
-            // prefix cache holds it or a newcomer of this step computes it.
-            let head = &next.prompt[..next.shared_prefix];
-            let reused = next.shared_prefix >= PrefixCache::<()>::MIN_TOKENS
-                && next.shared_prefix < next.prompt.len()
-                && (model.prefix_cached(head)
-                    || batch
-                        .iter()
-                        .any(|(a, _)| a.prompt.get(..a.shared_prefix) == Some(head)));
-            let cost = next.cost - if reused { next.shared_prefix } else { 0 };
-            if !batch.is_empty() && cost > budget {
-                waiting = Some(next); // first in the next step
-                break;
-            }
-            budget = budget.saturating_sub(cost);
-            let slot = free.pop().expect("a free slot");
-            batch.push((next, slot));
-        }
-        if batch.is_empty() && running.is_empty() {
-            if !open && waiting.is_none() {
-                return;
-            }
-            continue;
-        }
-        // 2. Prefill the newcomers together.
-        if !batch.is_empty() {
-            let t0 = Instant::now();
-            let inputs: Vec<(&[u32], &[ProcessedImage], usize, usize)> = batch
-                .iter()
-                .map(|(a, slot)| {
-                    (
-                        a.prompt.as_slice(),
-                        a.job.images.as_slice(),
-                        *slot,
-                        a.shared_prefix,
-                    )
-                })
-                .collect();
-            let prefilled = model.prefill_batch(&inputs);
-            let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-            match prefilled {
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (a, slot) in batch {
-                        free.push(slot);
-                        reply(a.job, Err(ModelError::Runtime(msg.clone())), stats);
-                    }
-                }
-                Ok(outs) => {
-                    for ((a, slot), p) in batch.into_iter().zip(outs) {
-                        let params = params_for(&a.job, cfg);
-                        let mut seq = match model.start_sequence(&params, p.tokens) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                free.push(slot);
-                                reply(a.job, Err(e), stats);
-                                continue;
-                            }
-                        };
-                        seq.prefill_ms = prefill_ms;
-                        seq.cached_prompt_tokens = p.cached;
-                        seq.start_decode_clock();
-                        match model.advance(&mut seq, &p.logits) {
-                            Ok(Some(next)) => running.push(Running {
-                                job: a.job,
-                                seq,
-                                slot,
-                                next,
-                                queue: a.queue,
-                                truncated: a.truncated,
-                            }),
-                            Ok(None) => {
-                                free.push(slot);
-                                let out = model.finish(seq).map(|generation| JobOutput {
-                                    generation,
-                                    queue: a.queue,
-                                    truncated: a.truncated,
-                                });
-                                reply(a.job, out, stats);
-                            }
-                            Err(e) => {
-                                free.push(slot);
-                                reply(a.job, Err(e), stats);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // 3. Drop sequences whose caller left, then one decode step for the rest.
-        let mut i = 0;
-        while i < running.len() {
-            if running[i].job.reply.is_closed() {
-                let r = running.swap_remove(i);
-                free.push(r.slot);
-                reply(r.job, Err(ModelError::Cancelled), stats);
-            } else {
-                i += 1;
-            }
-        }
-        if running.is_empty() {
-            stats.running.store(0, Ordering::Relaxed);
-            continue;
-        }
-        metrics::histogram!("tagllm_engine_batch_size").record(running.len() as f64);
-        stats.running.store(running.len(), Ordering::Relaxed);
-        stats.peak_batch.fetch_max(running.len(), Ordering::Relaxed);
-        let steps: Vec<(u32, usize)> = running.iter().map(|r| (r.next, r.slot)).collect();
-        match model.decode_batch(&steps) {
-            Err(e) => {
-                let msg = e.to_string();
-                for r in running.drain(..) {
-                    free.push(r.slot);
-                    reply(r.job, Err(ModelError::Runtime(msg.clone())), stats);
-                }
-            }
-            Ok(all) => {
-                let mut still = Vec::with_capacity(running.len());
-                for (mut r, logits) in running.drain(..).zip(all) {
-                    match model.advance(&mut r.seq, &logits) {
-                        Ok(Some(next)) => {
-                            r.next = next;
-                            still.push(r);
-                        }
-                        Ok(None) => {
-                            free.push(r.slot);
-                            let out = model.finish(r.seq).map(|generation| JobOutput {
-                                generation,
-                                queue: r.queue,
-                                truncated: r.truncated,
-                            });
-                            reply(r.job, out, stats);
-                        }
-                        Err(e) => {
-                            free.push(r.slot);
-                            reply(r.job, Err(e), stats);
-                        }
-                    }
-                }
-                running = still;
-                stats.running.store(running.len(), Ordering::Relaxed);
-            }
-        }
     }
 }

@@ -16,7 +16,7 @@ use candle_core::{quantized::gguf_file, DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::qwen3vl::text::{direct_attention, packed_attention, step_masks, KvCache, SeqSlice};
+use super::attention::{direct_attention, packed_attention, step_masks, KvCache, SeqSlice};
 use tagllm_kernels::Projections;
 
 struct Layer {

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use tagllm::{grpc::pb, handbook::Handbook};
+use tagllm::{grpc::pb, tagging::handbook::Handbook};
 use tonic::Code;
 
 use crate::common::{fixture_note, root, test_config, App};

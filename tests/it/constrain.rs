@@ -7,11 +7,8 @@
 use std::sync::Arc;
 
 use tagllm::{
-    config::{Limits, Requantize},
-    grammar::tag_grammar,
-    handbook::Handbook,
-    model::TextModel,
-    tags::{parse_output, ValueTracker},
+    domain::Limits, model::values::ValueTracker, model::Requantize, model::TextModel,
+    tagging::grammar::tag_grammar, tagging::handbook::Handbook, tagging::tags::parse_output,
 };
 
 use crate::common::{model_path, root};

@@ -18,12 +18,13 @@ use std::{
 };
 
 use tagllm::{
-    config::{Limits, Requantize},
-    distill::{read_records, reference_tags, sft_example, TeacherRecord},
-    grammar::tag_grammar,
-    handbook::Handbook,
+    domain::Limits,
+    model::Requantize,
     model::TextModel,
-    tags::parse_output,
+    tagging::grammar::tag_grammar,
+    tagging::handbook::Handbook,
+    tagging::tags::parse_output,
+    training::distill::{read_records, reference_tags, sft_example, TeacherRecord},
 };
 
 use crate::common::{
@@ -144,11 +145,11 @@ fn build_data_against_a_local_openai_server_resumes() {
             assert!(!values.is_empty() && values.len() <= 3);
             let grounded: HashSet<String> = r.teacher.candidates[dim]
                 .iter()
-                .map(|c| tagllm::tags::normalize(&c.value))
+                .map(|c| tagllm::domain::normalize(&c.value))
                 .collect();
             for v in values {
                 assert!(
-                    grounded.contains(&tagllm::tags::normalize(v)),
+                    grounded.contains(&tagllm::domain::normalize(v)),
                     "{v} is ungrounded"
                 );
             }

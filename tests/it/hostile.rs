@@ -319,7 +319,7 @@ async fn hostile_requests_get_clear_statuses_and_harm_nothing() {
 
 #[test]
 fn edge_image_checks_on_the_fixture_files() {
-    let l = tagllm::config::Limits::default();
+    let l = tagllm::domain::Limits::default();
     for (f, format, w, h) in [
         ("cmyk.jpg", "jpeg", 33, 21),
         ("gray.jpg", "jpeg", 37, 29),
@@ -329,8 +329,8 @@ fn edge_image_checks_on_the_fixture_files() {
         ("rgba.png", "png", 17, 11),
         ("animated.gif", "gif", 16, 16),
     ] {
-        let info =
-            tagllm::images::check("f", &image_file(f), &l).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let info = tagllm::tagging::images::check("f", &image_file(f), &l)
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(
             (info.format, info.width, info.height),
             (format, w, h),

@@ -10,6 +10,7 @@ mod distill;
 mod hostile;
 mod image_proc;
 mod kernels;
+mod layers;
 mod model;
 mod ops;
 mod qwen3vl;

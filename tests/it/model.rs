@@ -1,10 +1,7 @@
 //! The model against llama.cpp, on fixtures that `scripts/gen_llamacpp_fixtures.py` regenerates
 //! with llama-cpp-python from the same GGUF file.
 
-use tagllm::{
-    config::Requantize,
-    model::{LoadOptions, TextModel},
-};
+use tagllm::model::{LoadOptions, PromptInput, Requantize, TextModel};
 
 use crate::common::{model_path, root};
 
@@ -204,11 +201,11 @@ fn note_text_cannot_inject_control_tokens() {
 #[test]
 fn prefix_cache_gives_the_same_tokens() {
     use tagllm::{
-        config::Limits,
+        domain::Limits,
         domain::RawNote,
-        handbook::Handbook,
         model::{GenParams, LoadOptions},
-        prompt,
+        tagging::handbook::Handbook,
+        tagging::prompt,
     };
     let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
     let limits = Limits::default();
@@ -280,11 +277,11 @@ fn prefix_cache_gives_the_same_tokens() {
 #[test]
 fn batched_llama_equals_alone() {
     use tagllm::{
-        config::Limits,
+        domain::Limits,
         domain::RawNote,
-        handbook::Handbook,
         model::{chat::Message, LoadOptions},
-        prompt,
+        tagging::handbook::Handbook,
+        tagging::prompt,
     };
     let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
     let limits = Limits::default();
@@ -329,7 +326,12 @@ fn batched_llama_equals_alone() {
     let mut alone = Vec::new();
     for (ids, shared) in &prompts {
         let first = m
-            .prefill_batch(&[(ids, &[], 0, *shared)])
+            .prefill_batch(&[PromptInput {
+                ids,
+                images: &[],
+                slot: 0,
+                shared_prefix: *shared,
+            }])
             .unwrap()
             .remove(0);
         let mut steps = vec![first.logits];
@@ -342,7 +344,12 @@ fn batched_llama_equals_alone() {
     let inputs: Vec<_> = prompts
         .iter()
         .enumerate()
-        .map(|(slot, (ids, shared))| (ids.as_slice(), &[][..], slot, *shared))
+        .map(|(slot, (ids, shared))| PromptInput {
+            ids,
+            images: &[],
+            slot,
+            shared_prefix: *shared,
+        })
         .collect();
     let mut last: Vec<Vec<f32>> = m
         .prefill_batch(&inputs)
@@ -374,14 +381,14 @@ fn batched_llama_equals_alone() {
 async fn engine_batches_the_default_model() {
     use std::{sync::atomic::Ordering, time::Instant};
     use tagllm::{
-        config::Limits,
+        domain::Limits,
         domain::RawNote,
-        handbook::Handbook,
         model::{
             engine::{EngineConfig, EngineHandle, Job},
             GenParams, LoadOptions,
         },
-        prompt,
+        tagging::handbook::Handbook,
+        tagging::prompt,
     };
     let handbook = Handbook::load(&root().join("models/handbook.toml")).unwrap();
     let limits = Limits::default();

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use tagllm::{
-    config::Requantize,
     grpc::pb,
+    model::Requantize,
     model::{
         chat::Message,
         qwen3vl::image_proc::{self, ProcessedImage},

@@ -3,7 +3,7 @@
 //! with the committed teacher dataset's own annotation of the note (the teacher's words, not a
 //! model's), and that fails, garbles, cuts or refuses chosen requests on cue. Resuming, counting,
 //! failure records, retries, the response-format ladder and the SFT export are checked on it;
-//! `distill::build_data_against_a_local_openai_server_resumes` keeps the protocol honest against
+//! `training::distill::build_data_against_a_local_openai_server_resumes` keeps the protocol honest against
 //! llama.cpp's real server.
 
 use std::{
@@ -15,9 +15,9 @@ use std::{
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::post, Router};
 use serde_json::{json, Value};
 use tagllm::{
-    config::Limits,
-    distill::{read_records, sft_example, TeacherRecord},
-    handbook::Handbook,
+    domain::Limits,
+    tagging::handbook::Handbook,
+    training::distill::{read_records, sft_example, TeacherRecord},
 };
 
 use crate::common::{build_data, counts, lines, root};

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+pub use crate::model::attention::KvCache;
+use crate::model::attention::SeqSlice;
 pub use config::Config;
-pub use text::KvCache;
-use text::{SeqSlice, TextDecoder};
+use text::TextDecoder;
 pub use vision::Grid;
 use vision::VisionTower;
 
@@ -128,7 +129,7 @@ impl Qwen3Vl {
 
     /// A KV cache of `cap` positions for one sequence.
     pub fn new_cache(&self, cap: usize) -> Result<KvCache> {
-        KvCache::new(&self.config.text, cap, self.text.dtype(), &self.device)
+        text::new_cache(&self.config.text, cap, self.text.dtype(), &self.device)
     }
 
     /// LLM tokens one image of `grid` takes.

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path};
 
 use serde::Deserialize;
 
-use crate::tags::normalize;
+use crate::domain::normalize;
 
 /// A handbook that loaded and validated.
 #[derive(Debug, Clone)]

@@ -9,13 +9,16 @@ use std::{
 };
 
 use anyhow::Context;
+use clap::Args;
 use tagllm::{
     config::{Config, Decoding},
-    distill::{reference_tags, TeacherSteps},
     domain::{Note, RawNote, Tag},
     server,
-    tagger::{TagRun, Tagger},
+    tagging::tagger::{TagRun, Tagger},
+    training::distill::{reference_tags, TeacherSteps},
 };
+
+use super::CommonArgs;
 
 #[derive(Default)]
 struct Totals {
@@ -209,9 +212,32 @@ fn read_items(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Item>> {
     Ok(items)
 }
 
+/// Arguments of `tagllm eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Notes, one JSON object per line, or a directory of such files (extra fields such as
+    /// `injection` are read for the report; teacher records, the `datasets/distill` format, are
+    /// also scored against their tags: precision, recall and F1).
+    pub notes: PathBuf,
+    /// Decoding modes to compare.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["constrained".to_string(), "unconstrained".to_string()])]
+    pub decoding: Vec<String>,
+    /// Print one JSON line per note too.
+    #[arg(long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Runs the evaluation.
+pub fn run(args: EvalArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let cfg = args.common.config(|_| {})?;
+    rt.block_on(evaluate(cfg, args.notes, args.decoding, args.verbose))
+}
+
 /// Runs the evaluation and prints a Markdown report. `path` is a JSONL file or a directory of
 /// them; lines in the teacher-record format (`datasets/distill`) are also scored against their tags.
-pub async fn run(
+async fn evaluate(
     cfg: Config,
     path: PathBuf,
     modes: Vec<String>,

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::prompts::writable_tag;
-use crate::{config::Limits, distill::Candidate, handbook::Category};
+use crate::{domain::Limits, tagging::handbook::Category, training::distill::Candidate};
 
 /// Most candidates per dimension (step 2 asks for 1 to 5).
 pub const MAX_CANDIDATES: usize = 5;
@@ -181,7 +181,7 @@ impl std::fmt::Display for ResponseFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::teacher::prompts::tests::sneakers;
+    use crate::training::teacher::prompts::tests::sneakers;
 
     #[test]
     fn step2_schema_names_every_dimension_and_bounds_every_value() {

@@ -8,10 +8,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{note_features_to_proto, note_from_proto, pb, tag_to_proto};
 use crate::{
-    config::Limits,
-    error::Error,
+    domain::error::Error,
+    domain::Limits,
     store::NoteCache,
-    tagger::{TagOutcome, Tagger},
+    tagging::tagger::{TagOutcome, Tagger},
 };
 
 /// The TagService implementation.
@@ -42,7 +42,8 @@ impl TagApi {
     async fn tag_one(&self, req: pb::TagNoteRequest) -> Result<pb::TagNoteResponse, Error> {
         let note = note_from_proto(req.note, &self.limits)?;
         tracing::Span::current().record("note_id", note.id.as_str());
-        let (note, _images) = crate::images::check_note_blocking(note, &self.limits).await?;
+        let (note, _images) =
+            crate::tagging::images::check_note_blocking(note, &self.limits).await?;
         let out = self.tagger.tag(note, req.force, &self.notes).await?;
         Ok(self.response(out, req.include_raw_output))
     }

@@ -45,7 +45,7 @@ pub struct BackfillOptions {
     /// Draw the progress bar (it also hides itself when stderr is not a terminal).
     pub progress: bool,
     /// TLS for an `https://` address.
-    pub tls: crate::upstream::ClientTls,
+    pub tls: crate::client::upstream::ClientTls,
 }
 
 /// The outcome of a run.
@@ -270,10 +270,10 @@ pub async fn run(
         state.set_len(0)?;
     }
 
-    let channel = crate::upstream::connect(&opts.addr, &opts.tls).await?;
+    let channel = crate::client::upstream::connect(&opts.addr, &opts.tls).await?;
     let mut client = pb::tag_service_client::TagServiceClient::with_interceptor(
         channel,
-        crate::auth::BearerInterceptor::from_env()?,
+        crate::grpc::auth::BearerInterceptor::from_env()?,
     )
     .max_decoding_message_size(64 << 20);
     let window = opts.window.max(1);

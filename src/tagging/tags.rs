@@ -4,37 +4,11 @@
 
 use std::collections::HashSet;
 
-use unicode_normalization::UnicodeNormalization;
-
-use crate::{config::Limits, domain::Tag, handbook::Category};
-
-/// Normalizes a tag value: Unicode NFKC, trimmed, inner whitespace runs collapsed to one space,
-/// Latin letters lowercased. Other scripts keep their case.
-pub fn normalize(value: &str) -> String {
-    let nfkc: String = value.nfkc().collect();
-    let mut out = String::with_capacity(nfkc.len());
-    for word in nfkc.split_whitespace() {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        for c in word.chars() {
-            if is_latin(c) {
-                out.extend(c.to_lowercase());
-            } else {
-                out.push(c);
-            }
-        }
-    }
-    out
-}
-
-fn is_latin(c: char) -> bool {
-    matches!(c as u32,
-        0x41..=0x5A | 0x61..=0x7A      // Basic Latin letters
-        | 0xC0..=0x24F                  // Latin-1 Supplement letters, Latin Extended-A/B
-        | 0x1E00..=0x1EFF)              // Latin Extended Additional
-        && c.is_alphabetic()
-}
+use crate::{
+    domain::{normalize, Limits, Tag},
+    model::values::ScoredValue,
+    tagging::handbook::Category,
+};
 
 /// Values that mean "nothing": dropped like empty ones.
 const PLACEHOLDERS: &[&str] = &[
@@ -268,7 +242,7 @@ fn read_quoted(chars: &[char], mut i: usize, close: char) -> (String, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handbook::Dimension;
+    use crate::tagging::handbook::Dimension;
 
     fn cat() -> Category {
         let dim = |k: &str| Dimension {
@@ -355,115 +329,6 @@ mod tests {
     }
 }
 
-/// A tag value seen while the output was generated, with its confidence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoredValue {
-    /// The key the value belongs to, as written.
-    pub key: String,
-    /// The value, as written.
-    pub value: String,
-    /// exp(mean log-probability of the tokens that wrote the value), in (0, 1].
-    pub score: f32,
-}
-
-/// Follows JSON-like output byte by byte as it is generated and records, for every string value
-/// inside a list (or right after a key), the log-probabilities of the tokens that wrote it. Works on
-/// well-formed output exactly and on broken output as well as it can.
-#[derive(Debug, Default, Clone)]
-pub struct ValueTracker {
-    in_list: bool,
-    in_string: bool,
-    escaped: bool,
-    string_is_value: bool,
-    after_colon: bool,
-    buf: Vec<u8>,
-    key: String,
-    lps: Vec<f32>,
-    values: Vec<ScoredValue>,
-}
-
-impl ValueTracker {
-    /// Feeds the bytes of one token; `logprob` is its log-probability (`None` for text that was
-    /// given, not generated, such as the assistant prefix).
-    pub fn push(&mut self, bytes: &[u8], logprob: Option<f32>) {
-        let mut counted = false;
-        for &b in bytes {
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                    self.buf.push(b);
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
-                    self.close_string();
-                    continue;
-                } else {
-                    self.buf.push(b);
-                }
-                if self.string_is_value && !counted {
-                    if let Some(lp) = logprob {
-                        self.lps.push(lp);
-                    }
-                    counted = true;
-                }
-                continue;
-            }
-            match b {
-                b'"' => {
-                    self.in_string = true;
-                    counted = false;
-                    self.string_is_value = self.in_list || self.after_colon;
-                    self.buf.clear();
-                    self.lps.clear();
-                }
-                b':' => self.after_colon = true,
-                b'[' => {
-                    self.in_list = true;
-                    self.after_colon = false;
-                }
-                b']' => self.in_list = false,
-                b',' | b'}' | b'{' => self.after_colon = false,
-                _ => {}
-            }
-        }
-    }
-
-    fn close_string(&mut self) {
-        self.in_string = false;
-        let s = String::from_utf8_lossy(&self.buf).into_owned();
-        if self.string_is_value {
-            let score = if self.lps.is_empty() {
-                1.0
-            } else {
-                (self.lps.iter().sum::<f32>() / self.lps.len() as f32).exp()
-            };
-            self.values.push(ScoredValue {
-                key: self.key.clone(),
-                value: s,
-                score,
-            });
-            self.after_colon = false;
-        } else {
-            self.key = s;
-        }
-    }
-
-    /// Whether the output is inside a value string now.
-    pub fn in_value(&self) -> bool {
-        self.in_string && self.string_is_value
-    }
-
-    /// The bytes of the value being written (meaningful when [`Self::in_value`]).
-    pub fn current_value(&self) -> &[u8] {
-        &self.buf
-    }
-
-    /// Values completed so far.
-    pub fn values(&self) -> &[ScoredValue] {
-        &self.values
-    }
-}
-
 /// Sets each tag's score from the generation's scored values (matched by dimension and normalized
 /// value; the first match wins). Tags with no match keep their score.
 pub fn apply_scores(tags: &mut [Tag], scored: &[ScoredValue]) {
@@ -477,41 +342,38 @@ pub fn apply_scores(tags: &mut [Tag], scored: &[ScoredValue]) {
 }
 
 #[cfg(test)]
-mod tracker_tests {
+mod score_tests {
     use super::*;
 
     #[test]
-    fn tracks_values_and_scores_across_token_boundaries() {
-        let mut t = ValueTracker::default();
-        t.push(b"{\"", None);
-        for (tok, lp) in [
-            ("brand", -0.1f32),
-            ("\": [\"", -0.2),
-            ("Ni", -1.0),
-            ("ke", -3.0),
-            ("\", \"", -0.1),
-            ("Adi", -0.5),
-            ("das\"]", -0.5),
-            (", \"scene\": [\"gym\"]}", -2.0),
-        ] {
-            t.push(tok.as_bytes(), Some(lp));
-            if tok == "ke" {
-                assert!(t.in_value());
-                assert_eq!(t.current_value(), b"Nike");
-            }
-        }
-        let v = t.values();
-        assert_eq!(v.len(), 3);
-        assert_eq!((v[0].key.as_str(), v[0].value.as_str()), ("brand", "Nike"));
-        assert!((v[0].score - (-2.0f32).exp()).abs() < 1e-6);
-        assert!((v[1].score - (-0.5f32).exp()).abs() < 1e-6);
-        assert_eq!((v[2].key.as_str(), v[2].value.as_str()), ("scene", "gym"));
-        let mut tags = vec![Tag {
-            dimension: "brand".into(),
-            value: "adidas".into(),
-            score: 1.0,
-        }];
-        apply_scores(&mut tags, v);
-        assert!((tags[0].score - (-0.5f32).exp()).abs() < 1e-6);
+    fn scores_match_by_normalized_dimension_and_value() {
+        let scored = |key: &str, value: &str, score: f32| ScoredValue {
+            key: key.into(),
+            value: value.into(),
+            score,
+        };
+        let mut tags = vec![
+            Tag {
+                dimension: "brand".into(),
+                value: "adidas".into(),
+                score: 1.0,
+            },
+            Tag {
+                dimension: "use_case".into(),
+                value: "gym".into(),
+                score: 1.0,
+            },
+        ];
+        apply_scores(
+            &mut tags,
+            &[
+                scored("brand", "Nike", 0.1),
+                scored("Brand", "ＡＤＩＤＡＳ", 0.5),
+                scored("brand", "adidas", 0.9),
+                scored("Use Case", " Gym ", 0.7),
+            ],
+        );
+        assert_eq!(tags[0].score, 0.5, "the first match wins");
+        assert_eq!(tags[1].score, 0.7);
     }
 }

@@ -6,18 +6,20 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use tokio::sync::oneshot;
 
 use crate::{
-    config::{Decoding, Limits, ModelConfig},
-    domain::{now_ms, ImageRef, Note, Versions},
-    error::{Error, Result},
-    grammar,
-    handbook::Handbook,
+    config::{Decoding, ModelConfig},
+    domain::error::{Error, Result},
+    domain::{now_ms, ImageRef, Limits, Note, Versions},
     model::{
         engine::{EngineHandle, Job, SubmitError},
         ModelError,
     },
-    prompt,
     store::{CachedNote, NoteCache, StoredNote},
-    tags::{apply_scores, parse_output, Parsed},
+    tagging::{
+        grammar,
+        handbook::Handbook,
+        prompt,
+        tags::{apply_scores, parse_output, Parsed},
+    },
 };
 
 /// Where the time of one tagging went.
@@ -179,7 +181,7 @@ impl Tagger {
                         "{uris} image URI(s) not used: the server does not fetch URIs; send the bytes"
                     ));
                 }
-                crate::images::preprocess_note(note, proc.clone(), &self.limits).await?
+                crate::tagging::images::preprocess_note(note, proc.clone(), &self.limits).await?
             }
             None => Vec::new(),
         };

@@ -14,7 +14,7 @@
 
 use std::fmt::Write;
 
-use crate::{config::Limits, handbook::Category};
+use crate::{domain::Limits, tagging::handbook::Category};
 
 /// Characters a tag value may not contain: the quote and backslash (so the value needs no JSON
 /// escapes) and control characters.
@@ -84,7 +84,7 @@ pub fn tag_grammar(category: &Category, limits: &Limits) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handbook::Dimension;
+    use crate::tagging::handbook::Dimension;
 
     #[test]
     fn grammar_names_only_the_category_dimensions() {

@@ -18,7 +18,7 @@ use super::{
     schema::{self, AnswerSchema, ResponseFormat},
     InputNote, TeacherOptions,
 };
-use crate::{config::Limits, distill::TeacherSteps, handbook::Category};
+use crate::{domain::Limits, tagging::handbook::Category, training::distill::TeacherSteps};
 
 /// One answer of the teacher.
 struct Answer {

@@ -1,13 +1,18 @@
-//! Plain domain types and pure logic: notes, ids, tags, and the validation that turns untrusted
-//! input into them. Knows nothing of gRPC or the model.
+//! Plain domain types and pure logic: notes, ids, tags, request limits, tag normalization, the
+//! domain error, and the validation that turns untrusted input into them. The bottom layer: it
+//! names nothing else of the crate, and knows nothing of gRPC or the model.
+
+pub mod error;
+mod limits;
+mod normalize;
+
+pub use limits::Limits;
+pub use normalize::normalize;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{
-    config::Limits,
-    error::{Error, Result},
-};
+use error::{Error, Result};
 
 /// A validated note id: 1..=`max_note_id_bytes` bytes, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -257,7 +262,7 @@ impl Note {
 pub struct Tag {
     /// Dimension key from the handbook.
     pub dimension: String,
-    /// Normalized value (see [`crate::tags::normalize`]).
+    /// Normalized value (see [`normalize`]).
     pub value: String,
     /// Confidence; 1.0 while the decoder does not score tags.
     pub score: f32,

@@ -2,9 +2,9 @@
 //! writes for a note (its three steps), the supervised fine-tuning (SFT) examples made from it with
 //! the server's own prompt, and the answer text a student is trained to produce.
 //!
-//! The SFT prompt is exactly what the server sends the model ([`crate::prompt::messages`], the
+//! The SFT prompt is exactly what the server sends the model ([`prompt::messages`], the
 //! model's chat template), and the answer is laid out exactly as the tag grammar
-//! ([`crate::grammar`]) lets the model write it, so a student learns the text it will be asked to
+//! ([`crate::tagging::grammar`]) lets the model write it, so a student learns the text it will be asked to
 //! produce when serving.
 
 use std::{
@@ -16,11 +16,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Limits,
+    domain::Limits,
     domain::{RawNote, Tag},
-    handbook::{Category, Handbook},
     model::{chat::Message, TextModel},
-    prompt, tags,
+    tagging::handbook::{Category, Handbook},
+    tagging::{prompt, tags},
 };
 
 /// One note and what the teacher made of it. The line format of `datasets/distill/**/*.jsonl`.
@@ -93,7 +93,7 @@ pub fn reference_tags(
     let mut out = Vec::new();
     for d in &category.dimensions {
         for v in teacher_tags.get(&d.key).into_iter().flatten() {
-            let value = tags::normalize(v);
+            let value = crate::domain::normalize(v);
             if !tags::is_near_empty(&value) {
                 out.push(Tag {
                     dimension: d.key.clone(),

@@ -20,15 +20,15 @@ use crate::{
     config::ReplicaConfig,
     domain::{now_ms, Versions},
     grpc::pb,
-    handbook::Handbook,
     store::{NoteCache, StoredNote},
+    tagging::handbook::Handbook,
 };
 
 /// The primary's FeatureService, with the bearer token from `TAGLLM_AUTH_TOKEN` when set.
 type Upstream = pb::feature_service_client::FeatureServiceClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        crate::auth::BearerInterceptor,
+        crate::grpc::auth::BearerInterceptor,
     >,
 >;
 
@@ -136,10 +136,10 @@ impl Follower {
     async fn poll(&self, client: &mut Option<Upstream>) -> Result<usize, FollowError> {
         let up = |e: &dyn std::fmt::Display| FollowError::Upstream(e.to_string());
         if client.is_none() {
-            let channel = crate::upstream::connect(&self.cfg.upstream, &self.cfg.tls)
+            let channel = crate::client::upstream::connect(&self.cfg.upstream, &self.cfg.tls)
                 .await
                 .map_err(|e| FollowError::Upstream(format!("{e:#}")))?;
-            let auth = crate::auth::BearerInterceptor::from_env()
+            let auth = crate::grpc::auth::BearerInterceptor::from_env()
                 .map_err(|e| FollowError::Upstream(e.to_string()))?;
             *client = Some(
                 pb::feature_service_client::FeatureServiceClient::with_interceptor(channel, auth)

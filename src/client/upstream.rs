@@ -1,7 +1,7 @@
 //! How tagllm's own clients (`tagllm backfill`, a replica following its primary) reach a server:
 //! an address or URL, and for `https://` a CA to trust and optionally a client certificate (for a
 //! server that requires mutual TLS). The bearer token is added separately
-//! ([`crate::auth::BearerInterceptor`]).
+//! ([`crate::grpc::auth::BearerInterceptor`]).
 
 use std::path::PathBuf;
 

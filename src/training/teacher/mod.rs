@@ -37,10 +37,10 @@ use serde_json::{json, Value};
 pub use schema::ResponseFormat;
 
 use crate::{
-    config::Limits,
-    distill::{TeacherRecord, TeacherSteps},
+    domain::Limits,
     domain::RawNote,
-    handbook::Handbook,
+    tagging::handbook::Handbook,
+    training::distill::{TeacherRecord, TeacherSteps},
 };
 
 /// How to reach the teacher and how hard to push it.

@@ -10,9 +10,9 @@ use image::{ImageDecoder, ImageFormat, ImageReader};
 use tokio::sync::Semaphore;
 
 use crate::{
-    config::Limits,
+    domain::error::Error,
+    domain::Limits,
     domain::{ImageRef, Note},
-    error::Error,
     model::qwen3vl::image_proc::{self, ProcessedImage, ProcessorConfig},
 };
 

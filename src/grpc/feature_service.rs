@@ -10,12 +10,12 @@ use tonic::{Request, Response, Status};
 
 use super::{note_features_to_proto, pb, select_groups, wire::Encoded};
 use crate::{
-    config::Limits,
+    domain::error::Error,
+    domain::Limits,
     domain::NoteId,
-    error::Error,
     features::IdMap,
-    handbook::Handbook,
     store::{CachedNote, NoteCache},
+    tagging::handbook::Handbook,
 };
 
 /// The model version GetFeatureSchema reports: the tagger's (a primary) or the upstream's (a

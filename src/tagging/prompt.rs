@@ -4,7 +4,7 @@
 //! The note's text is data: it is fenced and labelled, and the instructions say to ignore any
 //! instruction inside it.
 
-use crate::{config::Limits, domain::Note, handbook::Category, model::chat::Message};
+use crate::{domain::Limits, domain::Note, model::chat::Message, tagging::handbook::Category};
 
 /// Bumped whenever the prompt changes: it is part of the model version, so stored results of an
 /// older prompt are regenerated rather than reused.
@@ -48,7 +48,7 @@ pub fn messages(note: &Note, category: &Category, limits: &Limits, images: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{domain::RawNote, handbook::Handbook};
+    use crate::{domain::RawNote, tagging::handbook::Handbook};
 
     #[test]
     fn prompt_carries_guidance_and_note() {

@@ -4,7 +4,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-use crate::{config::Limits, distill::Candidate, domain::RawNote, handbook::Category, tags};
+use crate::{
+    domain::{Limits, RawNote},
+    tagging::{handbook::Category, tags},
+    training::distill::Candidate,
+};
 
 /// The system prompt: the teacher's role and the category's handbook entry.
 pub fn system_prompt(category: &Category) -> String {
@@ -88,7 +92,7 @@ pub fn object_at(text: &str) -> Option<Map<String, Value>> {
 }
 
 fn dimension_key(category: &Category, key: &str) -> Option<String> {
-    let k = tags::normalize(key).replace(' ', "_");
+    let k = crate::domain::normalize(key).replace(' ', "_");
     category.has_dimension(&k).then_some(k)
 }
 
@@ -122,7 +126,7 @@ pub fn parse_candidates(
                 _ => continue,
             };
             let value = value.trim().to_string();
-            if !tags::is_near_empty(&tags::normalize(&value)) {
+            if !tags::is_near_empty(&crate::domain::normalize(&value)) {
                 out.entry(dim.clone()).or_default().push(Candidate {
                     value,
                     evidence: evidence.trim().to_string(),
@@ -140,7 +144,7 @@ pub fn writable_tag(value: &str, limits: &Limits) -> bool {
         .chars()
         .any(|c| c == '"' || c == '\\' || c.is_control())
         && value.chars().count() <= limits.max_tag_chars
-        && !tags::is_near_empty(&tags::normalize(value))
+        && !tags::is_near_empty(&crate::domain::normalize(value))
 }
 
 /// Step 3's answer -> final tags, checked against the limits and grounded in the candidates.
@@ -174,7 +178,7 @@ pub fn parse_tags(
             .get(&d.key)
             .into_iter()
             .flatten()
-            .map(|c| tags::normalize(&c.value))
+            .map(|c| crate::domain::normalize(&c.value))
             .collect();
         let mut seen = HashSet::new();
         let mut kept = Vec::new();
@@ -182,7 +186,7 @@ pub fn parse_tags(
             if kept.len() >= limits.max_tags_per_dimension || total >= limits.max_tags_per_note {
                 break;
             }
-            let n = tags::normalize(&v);
+            let n = crate::domain::normalize(&v);
             if writable_tag(&v, limits) && grounded.contains(&n) && seen.insert(n) {
                 kept.push(v);
                 total += 1;
@@ -200,7 +204,7 @@ pub(crate) mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::handbook::Handbook;
+    use crate::tagging::handbook::Handbook;
 
     pub(crate) fn sneakers() -> Category {
         Handbook::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/handbook.toml"))

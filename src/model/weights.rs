@@ -1,0 +1,125 @@
+//! The loaded network, one variant per implementation, and its batch slots (one KV cache each).
+
+use std::io::{Read, Seek};
+
+use candle_core::{quantized::gguf_file, Tensor};
+use candle_transformers::models::quantized_qwen2;
+
+use super::{llama, qwen3vl, rt, LoadOptions, ModelError};
+
+/// The loaded network and its caches.
+pub(super) enum Weights {
+    /// A llama GGUF through our batched decoder ([`llama`]), with its batch slots.
+    Llama(Box<LlamaWeights>),
+    /// A qwen2 GGUF through candle-transformers (one sequence).
+    Qwen2(Box<quantized_qwen2::ModelWeights>),
+    /// A Qwen3-VL checkpoint in Hugging Face layout, with its batch slots.
+    Vl(Box<VlWeights>),
+}
+
+pub(super) struct LlamaWeights {
+    pub(super) model: llama::Llama,
+    /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
+    pub(super) slots: Vec<Slot>,
+}
+
+/// The state after a shared prompt prefix: each layer's keys and values over its positions.
+pub(super) type PrefixState = Vec<(Tensor, Tensor)>;
+
+pub(super) struct VlWeights {
+    pub(super) model: qwen3vl::Qwen3Vl,
+    /// The caches, allocated on first use and reused; the single-sequence path uses slot 0.
+    pub(super) slots: Vec<Slot>,
+}
+
+/// One batch slot: a lazily allocated cache of `cap` positions and its sequence's rope delta
+/// (Qwen3-VL; 0 otherwise).
+pub(super) struct Slot {
+    pub(super) cache: Option<qwen3vl::KvCache>,
+    pub(super) cap: usize,
+    pub(super) rope_delta: i64,
+}
+
+impl Slot {
+    pub(super) fn new(cap: usize) -> Slot {
+        Slot {
+            cache: None,
+            cap,
+            rope_delta: 0,
+        }
+    }
+
+    pub(super) fn cache_with(
+        &mut self,
+        new: impl FnOnce(usize) -> candle_core::Result<qwen3vl::KvCache>,
+    ) -> candle_core::Result<&mut qwen3vl::KvCache> {
+        if self.cache.is_none() {
+            self.cache = Some(new(self.cap)?);
+        }
+        Ok(self.cache.as_mut().expect("just allocated"))
+    }
+
+    pub(super) fn cache(
+        &mut self,
+        model: &qwen3vl::Qwen3Vl,
+    ) -> candle_core::Result<&mut qwen3vl::KvCache> {
+        self.cache_with(|cap| model.new_cache(cap))
+    }
+}
+
+impl Weights {
+    pub(super) fn from_gguf<R: Read + Seek>(
+        arch: &str,
+        ct: gguf_file::Content,
+        r: &mut R,
+        opts: &LoadOptions,
+    ) -> candle_core::Result<Weights> {
+        let device = &opts.device;
+        Ok(match arch {
+            "qwen2" => Weights::Qwen2(Box::new(quantized_qwen2::ModelWeights::from_gguf(
+                ct, r, device,
+            )?)),
+            _ => Weights::Llama(Box::new(LlamaWeights {
+                model: llama::Llama::from_gguf(&ct, r, device)?,
+                slots: (0..opts.max_batch.max(1))
+                    .map(|_| Slot::new(opts.context_tokens))
+                    .collect(),
+            })),
+        })
+    }
+
+    /// Logits of the last position; `pos == 0` starts a new sequence (the KV cache is reset).
+    /// candle-transformers' models only (the others step through their slots).
+    pub(super) fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Qwen2(m) => m.forward(x, pos),
+            Weights::Llama(_) | Weights::Vl(_) => {
+                candle_core::bail!("batching models step through their slots")
+            }
+        }
+    }
+}
+
+/// Mutable borrows of distinct cache slots, in the order asked.
+pub(super) fn slot_caches(
+    slots: &mut [Slot],
+    which: impl Iterator<Item = usize>,
+) -> Result<Vec<&mut qwen3vl::KvCache>, ModelError> {
+    let which: Vec<usize> = which.collect();
+    let mut seen = vec![false; slots.len()];
+    for &i in &which {
+        if i >= slots.len() || std::mem::replace(&mut seen[i], true) {
+            return Err(rt(format!("cache slot {i} is out of range or used twice")));
+        }
+    }
+    let mut by_index: Vec<Option<&mut qwen3vl::KvCache>> =
+        slots.iter_mut().map(|s| s.cache.as_mut()).collect();
+    which
+        .iter()
+        .map(|&i| {
+            by_index[i]
+                .take()
+                .ok_or_else(|| rt("cache slot not allocated"))
+        })
+        .collect()
+}
