@@ -4,6 +4,7 @@
 
 mod api;
 mod common;
+mod config_example;
 mod constrain;
 mod crash;
 mod distill;
