@@ -1,6 +1,6 @@
 //! The hostile-request table: each request gets a clear status naming the field and the limit,
 //! and after each one the server still answers health and a normal read. Run with
-//! `cargo test --test it hostile -- --nocapture` to print the table the README shows.
+//! `cargo test --test it hostile -- --nocapture` to print the table docs/hostile-input.md shows.
 
 use std::time::Duration;
 
