@@ -1,31 +1,20 @@
 //! The durable store of tagged notes and the cache in front of it.
 //!
-//! [`Store`] is the persistence boundary (one trait, so a shared online store for several replicas
-//! can come later); [`RedbStore`] is the embedded default: redb is a pure-Rust, ACID, copy-on-write
-//! B-tree whose commits are durable (fsync'd) before `commit` returns, so an acknowledged TagNote
-//! survives a crash at any point. [`NoteCache`] keeps notes with their features ready to serve.
+//! [`Store`] is the persistence boundary (one trait: another backend, such as a shared online
+//! store for several replicas, is a new file here); [`RedbStore`] ([`redb`](self::redb)) is the
+//! embedded default, whose commits are durable before they return, so an acknowledged TagNote
+//! survives a crash at any point. [`NoteCache`] ([`cache`]) keeps notes with their features
+//! ready to serve.
 
-use std::{
-    path::Path,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
-    },
-};
+pub mod cache;
+pub mod redb;
 
-use bytes::Bytes;
-use compact_str::CompactString;
-use dashmap::DashMap;
+pub use self::cache::{CachedNote, NoteCache};
+pub use self::redb::RedbStore;
 
-use moka::sync::Cache;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    domain::{Tag, Versions},
-    features::{Features, Schema},
-    metrics::time_store,
-};
+use crate::domain::{Tag, Versions};
 
 /// Everything stored about one tagged note. Features are not stored: they are a pure function of
 /// the tags and the schema, so a schema change needs no re-tagging.
@@ -57,12 +46,45 @@ pub struct StoredNote {
 
 /// A storage failure (the store is broken or full, not the caller's fault).
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
-
-fn se(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+pub enum StoreError {
+    /// The store's directory or file could not be created or opened.
+    #[error("store: opening {path}: {source}")]
+    Open {
+        /// The directory or file.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The database failed: I/O, a full disk, a damaged file. (Boxed: redb's error is large,
+    /// and every store call returns this type.)
+    #[error("store: {0}")]
+    Db(#[source] Box<::redb::Error>),
+    /// A record does not encode or decode.
+    #[error("store: a record does not encode or decode: {0}")]
+    Record(#[from] serde_json::Error),
+    /// The store contradicts itself (an index entry without its note).
+    #[error("store: corrupt: {0}")]
+    Corrupt(String),
 }
+
+// redb's operations each have their own error type; all of them are a `redb::Error`.
+macro_rules! from_redb {
+    ($($t:ident),*) => {$(
+        impl From<::redb::$t> for StoreError {
+            fn from(e: ::redb::$t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    DatabaseError,
+    TransactionError,
+    TableError,
+    StorageError,
+    CommitError
+);
 
 /// Persistence of tagged notes.
 pub trait Store: Send + Sync + 'static {
@@ -95,656 +117,24 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-const NOTES: TableDefinition<&str, &[u8]> = TableDefinition::new("notes_v1");
-/// Index of `NOTES` by tagging time, kept in the same transactions: `(tagged_at_ms, note_id)`.
-const BY_TAGGED: TableDefinition<(i64, &str), ()> = TableDefinition::new("notes_by_tagged_v1");
-
-/// The embedded default store: one redb file, `notes.redb`, in the data directory.
-pub struct RedbStore {
-    db: Database,
-}
-
-impl RedbStore {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| se(format!("creating {}: {e}", dir.display())))?;
-        let path = dir.join("notes.redb");
-        let db =
-            Database::create(&path).map_err(|e| se(format!("opening {}: {e}", path.display())))?;
-        // Create the tables up front so readers never see them missing. A store written before
-        // the time index existed (or whose index disagrees with it) gets the index rebuilt here,
-        // in one transaction.
-        let tx = db.begin_write().map_err(se)?;
-        {
-            let notes = tx.open_table(NOTES).map_err(se)?;
-            let mut index = tx.open_table(BY_TAGGED).map_err(se)?;
-            let (n, i) = (notes.len().map_err(se)?, index.len().map_err(se)?);
-            if n != i {
-                tracing::info!(notes = n, indexed = i, "rebuilding the tagging-time index");
-                index.retain(|_, _| false).map_err(se)?;
-                for item in notes.iter().map_err(se)? {
-                    let (k, v) = item.map_err(se)?;
-                    let rec = decode(v.value())?;
-                    index
-                        .insert((rec.tagged_at_ms, k.value()), ())
-                        .map_err(se)?;
-                }
-            }
-        }
-        tx.commit().map_err(se)?;
-        Ok(RedbStore { db })
-    }
-
-    /// Writes `notes` in the open transaction `tx`, keeping the time index in step.
-    fn write(tx: &redb::WriteTransaction, notes: &[StoredNote]) -> Result<(), StoreError> {
-        let mut table = tx.open_table(NOTES).map_err(se)?;
-        let mut index = tx.open_table(BY_TAGGED).map_err(se)?;
-        for note in notes {
-            let bytes = serde_json::to_vec(note).map_err(se)?;
-            let old = table
-                .insert(note.note_id.as_str(), bytes.as_slice())
-                .map_err(se)?
-                .map(|v| decode(v.value()))
-                .transpose()?;
-            if let Some(old) = old {
-                index
-                    .remove((old.tagged_at_ms, note.note_id.as_str()))
-                    .map_err(se)?;
-            }
-            index
-                .insert((note.tagged_at_ms, note.note_id.as_str()), ())
-                .map_err(se)?;
-        }
-        Ok(())
-    }
-}
-
-fn decode(bytes: &[u8]) -> Result<StoredNote, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| se(format!("corrupt record: {e}")))
-}
-
-impl Store for RedbStore {
-    fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<StoredNote>>, StoreError> {
-        let tx = self.db.begin_read().map_err(se)?;
-        let table = tx.open_table(NOTES).map_err(se)?;
-        ids.iter()
-            .map(|id| match table.get(*id).map_err(se)? {
-                Some(v) => decode(v.value()).map(Some),
-                None => Ok(None),
-            })
-            .collect()
-    }
-
-    fn put(&self, note: &StoredNote) -> Result<(), StoreError> {
-        self.put_many(std::slice::from_ref(note))
-    }
-
-    fn put_many(&self, notes: &[StoredNote]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(se)?;
-        RedbStore::write(&tx, notes)?;
-        // Durability::Immediate is redb's default: commit returns after fsync.
-        tx.commit().map_err(se)
-    }
-
-    fn scan_since(
-        &self,
-        since_ms: i64,
-        after: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<StoredNote>, StoreError> {
-        use std::ops::Bound;
-        let tx = self.db.begin_read().map_err(se)?;
-        let notes = tx.open_table(NOTES).map_err(se)?;
-        let index = tx.open_table(BY_TAGGED).map_err(se)?;
-        let lower = match after {
-            Some(a) if a >= (since_ms, "") => Bound::Excluded(a),
-            _ => Bound::Included((since_ms, "")),
-        };
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for item in index
-            .range::<(i64, &str)>((lower, Bound::Unbounded))
-            .map_err(se)?
-            .take(limit)
-        {
-            let (k, _) = item.map_err(se)?;
-            let (_, id) = k.value();
-            match notes.get(id).map_err(se)? {
-                Some(v) => out.push(decode(v.value())?),
-                None => return Err(se(format!("index names {id:?}, which is not stored"))),
-            }
-        }
-        Ok(out)
-    }
-
-    fn latest_tagged_at(&self) -> Result<Option<i64>, StoreError> {
-        let tx = self.db.begin_read().map_err(se)?;
-        let index = tx.open_table(BY_TAGGED).map_err(se)?;
-        let last = index.last().map_err(se)?.map(|(k, _)| k.value().0);
-        Ok(last)
-    }
-
-    fn scan_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredNote>, StoreError> {
-        use std::ops::Bound;
-        let tx = self.db.begin_read().map_err(se)?;
-        let table = tx.open_table(NOTES).map_err(se)?;
-        let lower = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for item in table
-            .range::<&str>((lower, Bound::Unbounded))
-            .map_err(se)?
-            .take(limit)
-        {
-            let (_, v) = item.map_err(se)?;
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
-    }
-
-    fn len(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(se)?;
-        let table = tx.open_table(NOTES).map_err(se)?;
-        table.len().map_err(se)
-    }
-}
-
-/// A stored note with its features, as held in the cache.
-#[derive(Debug)]
-pub struct CachedNote {
-    /// The stored record.
-    pub record: StoredNote,
-    /// Its features under the current schema (same order as `schema.groups`).
-    pub features: Features,
-    /// The gRPC layer's encoding of the note's most-read form (`NoteFeatures` with every group
-    /// and no tags), made on the first read that asks for it and kept with the entry.
-    pub wire: OnceLock<Bytes>,
-}
-
-/// The notes a [`NoteCache`] holds, looked up by id.
-/// Ids are kept inline in the map's buckets (up to 24 bytes), so most comparisons read no other
-/// memory.
-type Index = DashMap<CompactString, Arc<CachedNote>, foldhash::fast::RandomState>;
-
-/// The read path: notes with their features, computed once per note, in front of the store.
-///
-/// Two structures hold the same entries. moka decides which notes stay (its TinyLFU admission and
-/// LRU eviction, bounded by note count); a sharded hash map (`index`) answers reads. moka's own
-/// lookup records every access for its policy (a concurrent-hash-table probe plus a queued read
-/// that its housekeeping later replays into its access-order deque), which cost ~0.5 ms of a
-/// 500-note call; a read of the index is a hash and a shard's read lock. So reads look up the
-/// index, and one in [`CacheConfig::record_hits_every`](crate::config::CacheConfig) hits is
-/// replayed into moka, so its policy still sees which notes are read, at a fraction of the cost.
-///
-/// Invariants: an entry enters both structures together, under `writes`, and leaves the index
-/// only through moka's eviction listener, and only if the index still holds that very entry (a
-/// newer one for the same id stays). So the index holds what moka holds, once moka's
-/// housekeeping has run.
-pub struct NoteCache {
-    store: Arc<dyn Store>,
-    schema: Arc<Schema>,
-    index: Arc<Index>,
-    policy: Cache<CompactString, Arc<CachedNote>, foldhash::fast::RandomState>,
-    /// Serializes inserts, so the index and the policy agree on each id's entry.
-    writes: Mutex<()>,
-    /// Replay one in this many hits into `policy`.
-    record_every: u64,
-    /// Hits so far, to choose which to replay.
-    hits: AtomicU64,
-    /// Hits replayed so far.
-    recorded: AtomicU64,
-}
-
-impl NoteCache {
-    /// A cache of at most `max_notes` notes over `store`; one in `record_hits_every` hits is
-    /// recorded in the eviction policy (1 records every hit).
-    pub fn new(
-        store: Arc<dyn Store>,
-        schema: Arc<Schema>,
-        max_notes: u64,
-        record_hits_every: u64,
-    ) -> NoteCache {
-        let index: Arc<Index> = Arc::new(DashMap::with_hasher(Default::default()));
-        let evicted = Arc::downgrade(&index);
-        let policy = Cache::builder()
-            .max_capacity(max_notes)
-            .eviction_listener(move |id: Arc<CompactString>, e: Arc<CachedNote>, _cause| {
-                // Replaced: the index already holds the newer entry. Otherwise (evicted, or not
-                // admitted at all): drop it from the index unless a newer entry took its place.
-                if let Some(index) = evicted.upgrade() {
-                    index.remove_if(id.as_str(), |_, cur| Arc::ptr_eq(cur, &e));
-                }
-            })
-            .build_with_hasher(Default::default());
-        NoteCache {
-            store,
-            schema,
-            index,
-            policy,
-            writes: Mutex::new(()),
-            record_every: record_hits_every.max(1),
-            hits: AtomicU64::new(0),
-            recorded: AtomicU64::new(0),
-        }
-    }
-
-    /// The schema features are computed with.
-    pub fn schema(&self) -> &Arc<Schema> {
-        &self.schema
-    }
-
-    /// The store behind the cache.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    /// Caches `e` (the only way entries enter the cache, so the size gauge is kept here, off
-    /// the read path). `replace: false` keeps an entry already cached for the id: a read that
-    /// missed and then loaded the store must not put back a record older than one a concurrent
-    /// write cached meanwhile. Returns the entry the cache holds for the id.
-    fn insert(&self, e: Arc<CachedNote>, replace: bool) -> Arc<CachedNote> {
-        let _w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        if !replace {
-            if let Some(cur) = self.index.get(e.record.note_id.as_str()) {
-                return cur.clone();
-            }
-        }
-        let id = CompactString::from(e.record.note_id.as_str());
-        self.index.insert(id.clone(), e.clone());
-        self.policy.insert(id, e.clone());
-        metrics::gauge!("tagllm_cache_entries").set(self.policy.entry_count() as f64);
-        e
-    }
-
-    fn entry(&self, record: StoredNote) -> Arc<CachedNote> {
-        let features = self.schema.features(&record.tags);
-        Arc::new(CachedNote {
-            record,
-            features,
-            wire: OnceLock::new(),
-        })
-    }
-
-    /// Runs the eviction policy's pending work now (tests and shutdown; it otherwise runs as
-    /// reads and writes go).
-    pub fn run_pending_tasks(&self) {
-        self.policy.run_pending_tasks();
-    }
-
-    /// Notes cached now (the policy's count, which the index follows).
-    pub fn len(&self) -> u64 {
-        self.policy.entry_count()
-    }
-
-    /// Whether no note is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Cache hits replayed into the eviction policy so far.
-    pub fn recorded_hits(&self) -> u64 {
-        self.recorded.load(Ordering::Relaxed)
-    }
-
-    /// Cached notes only (never touches the store): cheap enough for an async thread.
-    pub fn get_cached(&self, ids: &[&str]) -> Vec<Option<Arc<CachedNote>>> {
-        let found: Vec<Option<Arc<CachedNote>>> = ids
-            .iter()
-            .map(|id| self.index.get(*id).map(|e| e.clone()))
-            .collect();
-        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
-        if hits > 0 {
-            // Hits numbered n..n+hits; those divisible by record_every go to the policy.
-            let n = self.hits.fetch_add(hits, Ordering::Relaxed);
-            let mut next = (self.record_every - n % self.record_every) % self.record_every;
-            let mut recorded = 0;
-            for f in found.iter().flatten() {
-                if next == 0 {
-                    let _ = self.policy.get(f.record.note_id.as_str());
-                    recorded += 1;
-                    next = self.record_every;
-                }
-                next -= 1;
-            }
-            self.recorded.fetch_add(recorded, Ordering::Relaxed);
-        }
-        metrics::counter!("tagllm_cache_lookups_total", "result" => "hit").increment(hits);
-        metrics::counter!("tagllm_cache_lookups_total", "result" => "miss")
-            .increment(ids.len() as u64 - hits);
-        found
-    }
-
-    /// Fills the `None` slots of `found` from the store (blocking I/O) and caches what it finds.
-    pub fn fill_from_store(
-        &self,
-        ids: &[&str],
-        found: &mut [Option<Arc<CachedNote>>],
-    ) -> Result<(), StoreError> {
-        let missing: Vec<usize> = (0..ids.len()).filter(|&i| found[i].is_none()).collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let miss_ids: Vec<&str> = missing.iter().map(|&i| ids[i]).collect();
-        let records = time_store("get_many", || self.store.get_many(&miss_ids))?;
-        for (&i, rec) in missing.iter().zip(records) {
-            if let Some(rec) = rec {
-                found[i] = Some(self.insert(self.entry(rec), false));
-            }
-        }
-        Ok(())
-    }
-
-    /// Cache then store (blocking on a miss).
-    pub fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<Arc<CachedNote>>>, StoreError> {
-        let mut found = self.get_cached(ids);
-        self.fill_from_store(ids, &mut found)?;
-        Ok(found)
-    }
-
-    /// Stores durably (blocking), then caches; returns the entry.
-    pub fn put(&self, record: StoredNote) -> Result<Arc<CachedNote>, StoreError> {
-        time_store("put", || self.store.put(&record))?;
-        Ok(self.insert(self.entry(record), true))
-    }
-
-    /// Stores several notes in one durable commit (blocking), then caches them.
-    pub fn put_many(&self, records: Vec<StoredNote>) -> Result<(), StoreError> {
-        time_store("put_many", || self.store.put_many(&records))?;
-        for r in records {
-            // Only refresh notes already hot: a replica's catch-up must not evict them.
-            if self.index.contains_key(r.note_id.as_str()) {
-                self.insert(self.entry(r), true);
-            }
-        }
-        Ok(())
-    }
-
-    /// A page of an incremental scan by tagging time (blocking; bypasses the cache).
-    pub fn scan_since(
-        &self,
-        since_ms: i64,
-        after: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<Arc<CachedNote>>, StoreError> {
-        Ok(time_store("scan_since", || {
-            self.store.scan_since(since_ms, after, limit)
-        })?
-        .into_iter()
-        .map(|r| self.entry(r))
-        .collect())
-    }
-
-    /// A page of a full scan with features (blocking; bypasses the cache so a scan does not evict
-    /// the ranking path's hot notes).
-    pub fn scan_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Arc<CachedNote>>, StoreError> {
-        Ok(
-            time_store("scan_page", || self.store.scan_page(after, limit))?
-                .into_iter()
-                .map(
-                    |r| match self.index.get(r.note_id.as_str()).map(|e| e.clone()) {
-                        Some(e) if e.record == r => e,
-                        _ => self.entry(r),
-                    },
-                )
-                .collect(),
-        )
-    }
-}
-
+/// A stored note for tests: one `brand` tag of value `v`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn note(id: &str, v: &str) -> StoredNote {
-        StoredNote {
-            note_id: id.into(),
-            category: "sneakers".into(),
-            handbook_category: "sneakers".into(),
-            content_hash: "h".into(),
-            versions: Versions::default(),
-            tags: vec![Tag {
-                dimension: "brand".into(),
-                value: v.into(),
-                score: 1.0,
-            }],
-            tagged_at_ms: 1,
-            raw_output: String::new(),
-            dropped_tags: 0,
-            prompt_tokens: 0,
-            generated_tokens: 0,
-        }
-    }
-
-    #[test]
-    fn put_get_scan_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = RedbStore::open(dir.path()).unwrap();
-            for i in 0..25 {
-                s.put(&note(&format!("n{i:02}"), "nike")).unwrap();
-            }
-            s.put(&note("n03", "adidas")).unwrap();
-            let got = s.get_many(&["n03", "missing", "n24"]).unwrap();
-            assert_eq!(got[0].as_ref().unwrap().tags[0].value, "adidas");
-            assert!(got[1].is_none());
-            assert_eq!(s.len().unwrap(), 25);
-        }
-        let s = RedbStore::open(dir.path()).unwrap();
-        let mut ids = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = s.scan_page(after.as_deref(), 10).unwrap();
-            if page.is_empty() {
-                break;
-            }
-            after = Some(page.last().unwrap().note_id.clone());
-            ids.extend(page.into_iter().map(|n| n.note_id));
-        }
-        assert_eq!(ids.len(), 25);
-        assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    }
-
-    fn cache(max_notes: u64, record_every: u64) -> (tempfile::TempDir, NoteCache) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
-        let schema = Arc::new(
-            Schema::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/features.toml"))
-                .unwrap(),
-        );
-        (dir, NoteCache::new(store, schema, max_notes, record_every))
-    }
-
-    /// After churn far past capacity, the read index holds exactly what the eviction policy
-    /// holds (evicted and refused entries leave it), and every note is still in the store.
-    #[test]
-    fn cache_index_follows_the_policy_and_the_store_keeps_everything() {
-        let (_dir, c) = cache(8, 1);
-        let ids: Vec<String> = (0..200).map(|i| format!("n{i:03}")).collect();
-        for (i, id) in ids.iter().enumerate() {
-            c.put(note(id, "nike")).unwrap();
-            if i % 3 == 0 {
-                let _ = c.get_cached(&[ids[0].as_str(), id.as_str()]);
-            }
-        }
-        c.run_pending_tasks();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let hits: Vec<String> = c
-            .get_cached(&refs)
-            .into_iter()
-            .flatten()
-            .map(|e| e.record.note_id.clone())
-            .collect();
-        assert!(c.len() <= 8, "{} cached", c.len());
-        assert_eq!(hits.len() as u64, c.len());
-        assert_eq!(c.index.len() as u64, c.len());
-        for id in &hits {
-            assert!(
-                c.policy.contains_key(id.as_str()),
-                "{id} is in the index only"
-            );
-        }
-        // Misses come back from the store, with their features.
-        let all = c.get_many(&refs).unwrap();
-        assert!(all.iter().all(Option::is_some));
-    }
-
-    /// A read that missed and loaded the store never puts back a record older than one a write
-    /// cached meanwhile; a write always replaces.
-    #[test]
-    fn a_miss_fill_never_replaces_a_newer_entry() {
-        let (_dir, c) = cache(100, 1);
-        c.put(note("a", "new")).unwrap();
-        let kept = c.insert(c.entry(note("a", "old")), false);
-        assert_eq!(kept.record.tags[0].value, "new");
-        let got = c.get_cached(&["a"]);
-        assert_eq!(got[0].as_ref().unwrap().record.tags[0].value, "new");
-        c.put(note("a", "newer")).unwrap();
-        c.run_pending_tasks();
-        let got = c.get_cached(&["a"]);
-        assert_eq!(got[0].as_ref().unwrap().record.tags[0].value, "newer");
-        // The replaced entry's eviction notice did not take the new one out of the index.
-        assert_eq!(c.index.len(), 1);
-        assert_eq!(c.len(), 1);
-    }
-
-    /// xorshift64: the next value of `x` (reproducible test randomness).
-    fn xorshift(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
-
-    /// Writers and readers at once, over a cache far smaller than the ids: afterwards the read
-    /// index and the eviction policy hold the very same entries.
-    #[test]
-    fn index_and_policy_agree_under_concurrent_reads_and_writes() {
-        let (_dir, c) = cache(16, 1);
-        let ids: Vec<String> = (0..64).map(|i| format!("n{i:02}")).collect();
-        std::thread::scope(|s| {
-            for w in 0..2u64 {
-                let (c, ids) = (&c, &ids);
-                s.spawn(move || {
-                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ w;
-                    for i in 0..150 {
-                        let id = &ids[(xorshift(&mut x) % 64) as usize];
-                        c.put(note(id, &format!("v{w}-{i}"))).unwrap();
-                    }
-                });
-            }
-            for r in 0..2u64 {
-                let (c, ids) = (&c, &ids);
-                s.spawn(move || {
-                    let mut x = 0x2545_f491_4f6c_dd1du64 ^ r;
-                    for _ in 0..400 {
-                        let x = xorshift(&mut x);
-                        let a = (x % 56) as usize;
-                        let batch: Vec<&str> = ids[a..a + 8].iter().map(String::as_str).collect();
-                        if x.is_multiple_of(3) {
-                            let _ = c.get_many(&batch).unwrap();
-                        } else {
-                            let _ = c.get_cached(&batch);
-                        }
-                    }
-                });
-            }
-        });
-        c.run_pending_tasks();
-        assert!(c.len() <= 16, "{} cached", c.len());
-        assert_eq!(c.index.len() as u64, c.len());
-        // Collected first: no index guard may be held while moka runs (its listener writes).
-        let entries: Vec<(CompactString, Arc<CachedNote>)> = c
-            .index
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        for (id, e) in entries {
-            let held = c.policy.get(id.as_str()).expect("in the policy too");
-            assert!(Arc::ptr_eq(&held, &e), "{id} differs");
-        }
-    }
-
-    /// One hit in `record_hits_every` reaches the eviction policy, counted across calls.
-    #[test]
-    fn one_hit_in_n_is_recorded_in_the_policy() {
-        let (_dir, c) = cache(100, 4);
-        for i in 0..10 {
-            c.put(note(&format!("n{i}"), "nike")).unwrap();
-        }
-        let ids: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
-        let mut refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        refs.push("missing"); // misses are not hits
-        for _ in 0..3 {
-            let _ = c.get_cached(&refs);
-        }
-        // Hits 0..30; 0, 4, ..., 28 are recorded.
-        assert_eq!(c.recorded_hits(), 8);
-        let (_dir, every) = cache(100, 1);
-        every.put(note("x", "nike")).unwrap();
-        let _ = every.get_cached(&["x", "x", "y"]);
-        assert_eq!(every.recorded_hits(), 2);
-    }
-
-    fn at(id: &str, t: i64) -> StoredNote {
-        StoredNote {
-            tagged_at_ms: t,
-            ..note(id, "nike")
-        }
-    }
-
-    fn since(s: &RedbStore, t: i64, page: usize) -> Vec<(i64, String)> {
-        let mut out = Vec::new();
-        let mut after: Option<(i64, String)> = None;
-        loop {
-            let got = s
-                .scan_since(t, after.as_ref().map(|(t, id)| (*t, id.as_str())), page)
-                .unwrap();
-            if got.is_empty() {
-                return out;
-            }
-            let last = got.last().unwrap();
-            after = Some((last.tagged_at_ms, last.note_id.clone()));
-            out.extend(got.into_iter().map(|n| (n.tagged_at_ms, n.note_id)));
-        }
-    }
-
-    #[test]
-    fn time_index_follows_rewrites_and_is_rebuilt_for_old_stores() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = RedbStore::open(dir.path()).unwrap();
-            s.put_many(&[at("a", 30), at("b", 10), at("c", 20), at("d", 20)])
-                .unwrap();
-            // Re-tagging moves a note in time; the old index entry goes.
-            s.put(&at("b", 40)).unwrap();
-            let all = since(&s, 0, 2);
-            let ids: Vec<&str> = all.iter().map(|(_, id)| id.as_str()).collect();
-            assert_eq!(ids, ["c", "d", "a", "b"]);
-            assert_eq!(since(&s, 21, 10), [(30, "a".into()), (40, "b".into())]);
-            assert_eq!(s.latest_tagged_at().unwrap(), Some(40));
-        }
-        // A store from before the index: drop it, reopen, and it is rebuilt.
-        {
-            let db = Database::create(dir.path().join("notes.redb")).unwrap();
-            let tx = db.begin_write().unwrap();
-            tx.delete_table(BY_TAGGED).unwrap();
-            tx.commit().unwrap();
-        }
-        let s = RedbStore::open(dir.path()).unwrap();
-        assert_eq!(since(&s, 0, 3).len(), 4);
-        assert_eq!(since(&s, 25, 3), [(30, "a".into()), (40, "b".into())]);
-        let empty = tempfile::tempdir().unwrap();
-        assert_eq!(
-            RedbStore::open(empty.path())
-                .unwrap()
-                .latest_tagged_at()
-                .unwrap(),
-            None
-        );
+pub(crate) fn test_note(id: &str, v: &str) -> StoredNote {
+    StoredNote {
+        note_id: id.into(),
+        category: "sneakers".into(),
+        handbook_category: "sneakers".into(),
+        content_hash: "h".into(),
+        versions: Versions::default(),
+        tags: vec![Tag {
+            dimension: "brand".into(),
+            value: v.into(),
+            score: 1.0,
+        }],
+        tagged_at_ms: 1,
+        raw_output: String::new(),
+        dropped_tags: 0,
+        prompt_tokens: 0,
+        generated_tokens: 0,
     }
 }
