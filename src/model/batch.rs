@@ -7,7 +7,6 @@ use candle_core::{DType, Tensor};
 use super::{
     prefix, qwen3vl,
     qwen3vl::image_proc::ProcessedImage,
-    rt,
     weights::{slot_caches, LlamaWeights, PrefixState, VlWeights, Weights},
     ModelError, TextModel,
 };
@@ -48,7 +47,9 @@ impl TextModel {
             if let Weights::Llama(w) = &mut self.weights {
                 let cached = w.slots[0].cache.as_ref().map_or(0, |c| c.len());
                 if cached != pos {
-                    return Err(rt(format!("position {pos} after {cached} cached tokens")));
+                    return Err(ModelError::internal(format!(
+                        "position {pos} after {cached} cached tokens"
+                    )));
                 }
                 return Ok(llama_step(w, &[(tokens, 0)])?.remove(0));
             }
@@ -56,17 +57,15 @@ impl TextModel {
             for &t in tokens {
                 last = self.decode_batch(&[(t, 0)])?.pop();
             }
-            return last.ok_or_else(|| rt("no tokens"));
+            return last.ok_or_else(|| ModelError::internal("no tokens"));
         }
-        let input = Tensor::new(tokens, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(rt)?;
-        let logits = self.weights.forward(&input, pos).map_err(rt)?;
+        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0))?;
+        let logits = self.weights.forward(&input, pos)?;
         logits
             .squeeze(0)
             .and_then(|l| l.to_dtype(DType::F32))
             .and_then(|l| l.to_vec1::<f32>())
-            .map_err(rt)
+            .map_err(ModelError::from)
     }
 
     /// Feeds a whole prompt to an empty sequence; `images` fill the prompt's image placeholders,
@@ -91,7 +90,7 @@ impl TextModel {
     ) -> Result<(Vec<f32>, usize), ModelError> {
         if matches!(self.weights, Weights::Qwen2(_)) {
             if !images.is_empty() {
-                return Err(rt("this model reads no images"));
+                return Err(ModelError::internal("this model reads no images"));
             }
             self.last_cached = 0;
             return Ok((self.forward(prompt, 0)?, prompt.len()));
@@ -105,7 +104,7 @@ impl TextModel {
                 shared_prefix,
             }])?
             .pop()
-            .ok_or_else(|| rt("no logits"))?;
+            .ok_or_else(|| ModelError::internal("no logits"))?;
         self.last_cached = p.cached;
         Ok((p.logits, p.tokens))
     }
@@ -122,8 +121,9 @@ impl TextModel {
         (self.last_cached, self.prefixes.hit_tokens)
     }
 
-    /// Sequences this model can run in one step: more than one only for Qwen3-VL (the GGUF
-    /// models run through candle-transformers, whose KV cache holds one sequence).
+    /// Sequences this model can run in one step: its cache slots (`max_batch`) for the batching
+    /// models, llama-family GGUFs and Qwen3-VL; 1 for a qwen2 GGUF (candle-transformers' model,
+    /// whose KV cache holds one sequence).
     pub fn max_batch(&self) -> usize {
         match &self.weights {
             Weights::Vl(w) => w.slots.len(),
@@ -147,16 +147,18 @@ impl TextModel {
             return llama_prefill(w, &mut self.prefixes, prompts);
         }
         let Weights::Vl(w) = &mut self.weights else {
-            return Err(rt("this model does not batch"));
+            return Err(ModelError::internal("this model does not batch"));
         };
         let VlWeights { model, slots, .. } = &mut **w;
         let mut prepared = Vec::with_capacity(prompts.len());
         for input in prompts {
-            let p = model.prepare(input.ids, input.images).map_err(rt)?;
+            let p = model
+                .prepare(input.ids, input.images)
+                .map_err(ModelError::Runtime)?;
             let s = slots
                 .get_mut(input.slot)
-                .ok_or_else(|| rt("no such cache slot"))?;
-            let cache = s.cache(model).map_err(rt)?;
+                .ok_or_else(|| ModelError::internal("no such cache slot"))?;
+            let cache = s.cache(model)?;
             if p.tokens.len() > cache.capacity() {
                 return Err(ModelError::PromptTooLong {
                     tokens: p.tokens.len(),
@@ -169,13 +171,13 @@ impl TextModel {
         }
         let refs: Vec<&qwen3vl::Prepared> = prepared.iter().collect();
         let mut caches = slot_caches(slots, prompts.iter().map(|p| p.slot))?;
-        let logits = model.prefill(&refs, &mut caches, false).map_err(rt)?;
+        let logits = model.prefill(&refs, &mut caches, false)?;
         logits
             .into_iter()
             .zip(&prepared)
             .map(|(l, p)| {
                 Ok(Prefilled {
-                    logits: l.to_vec1::<f32>().map_err(rt)?,
+                    logits: l.to_vec1::<f32>()?,
                     tokens: p.tokens.len(),
                     cached: 0,
                 })
@@ -196,7 +198,7 @@ impl TextModel {
             return llama_step(w, &items);
         }
         let Weights::Vl(w) = &mut self.weights else {
-            return Err(rt("this model does not batch"));
+            return Err(ModelError::internal("this model does not batch"));
         };
         let VlWeights { model, slots, .. } = &mut **w;
         let tokens: Vec<u32> = steps.iter().map(|s| s.0).collect();
@@ -205,10 +207,10 @@ impl TextModel {
             .map(|s| slots.get(s.1).map(|x| x.rope_delta).unwrap_or(0))
             .collect();
         let mut caches = slot_caches(slots, steps.iter().map(|s| s.1))?;
-        let logits = model.decode(&tokens, &deltas, &mut caches).map_err(rt)?;
+        let logits = model.decode(&tokens, &deltas, &mut caches)?;
         logits
             .into_iter()
-            .map(|l| l.to_vec1::<f32>().map_err(rt))
+            .map(|l| l.to_vec1::<f32>().map_err(ModelError::from))
             .collect()
     }
 }
@@ -223,9 +225,8 @@ fn llama_step(
     for &(_, slot) in items {
         slots
             .get_mut(slot)
-            .ok_or_else(|| rt("no such cache slot"))?
-            .cache_with(|cap| model.new_cache(cap))
-            .map_err(rt)?;
+            .ok_or_else(|| ModelError::internal("no such cache slot"))?
+            .cache_with(|cap| model.new_cache(cap))?;
     }
     let tokens: Vec<u32> = items.iter().flat_map(|i| i.0.iter().copied()).collect();
     let mut caches = slot_caches(slots, items.iter().map(|i| i.1))?;
@@ -237,9 +238,14 @@ fn llama_step(
             cache,
         })
         .collect();
-    let logits = model.forward(&tokens, &mut seqs).map_err(rt)?;
+    let logits = model.forward(&tokens, &mut seqs)?;
     (0..items.len())
-        .map(|i| logits.get(i).and_then(|l| l.to_vec1::<f32>()).map_err(rt))
+        .map(|i| {
+            logits
+                .get(i)
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(ModelError::from)
+        })
         .collect()
 }
 
@@ -261,17 +267,17 @@ fn llama_prefill(
     for (i, p) in prompts.iter().enumerate() {
         let (ids, images, slot, shared) = (p.ids, p.images, p.slot, p.shared_prefix);
         if !images.is_empty() {
-            return Err(rt("this model reads no images"));
+            return Err(ModelError::internal("this model reads no images"));
         }
         if ids.is_empty() {
-            return Err(rt("empty prompt"));
+            return Err(ModelError::internal("empty prompt"));
         }
         let s = w
             .slots
             .get_mut(slot)
-            .ok_or_else(|| rt("no such cache slot"))?;
+            .ok_or_else(|| ModelError::internal("no such cache slot"))?;
         let model = &w.model;
-        let cache = s.cache_with(|cap| model.new_cache(cap)).map_err(rt)?;
+        let cache = s.cache_with(|cap| model.new_cache(cap))?;
         if ids.len() > cache.capacity() {
             return Err(ModelError::PromptTooLong {
                 tokens: ids.len(),
@@ -301,7 +307,10 @@ fn llama_prefill(
     if !first.is_empty() {
         llama_step(w, &first)?;
         for &(ids, slot) in &first {
-            let cache = w.slots[slot].cache.as_ref().ok_or_else(|| rt("no cache"))?;
+            let cache = w.slots[slot]
+                .cache
+                .as_ref()
+                .ok_or_else(|| ModelError::internal("no cache"))?;
             let state = cache
                 .layers
                 .iter()
@@ -319,15 +328,17 @@ fn llama_prefill(
                     };
                     Ok((own(k)?, own(v)?))
                 })
-                .collect::<candle_core::Result<PrefixState>>()
-                .map_err(rt)?;
+                .collect::<candle_core::Result<PrefixState>>()?;
             prefixes.insert(ids, state);
         }
         for &(i, slot, head) in &later {
             let state = prefixes
                 .get(head)
-                .ok_or_else(|| rt("prefix state evicted"))?;
-            let cache = w.slots[slot].cache.as_mut().ok_or_else(|| rt("no cache"))?;
+                .ok_or_else(|| ModelError::internal("prefix state evicted"))?;
+            let cache = w.slots[slot]
+                .cache
+                .as_mut()
+                .ok_or_else(|| ModelError::internal("no cache"))?;
             restore(cache, state)?;
             cached[i] = head.len();
         }
@@ -353,10 +364,10 @@ fn llama_prefill(
 /// Puts a prefix state into an empty cache.
 fn restore(cache: &mut qwen3vl::KvCache, state: &PrefixState) -> Result<(), ModelError> {
     let len = state.first().map_or(0, |(k, _)| k.dims()[1]);
-    cache.reserve(len).map_err(rt)?;
+    cache.reserve(len)?;
     for ((k, v), (kc, vc)) in state.iter().zip(&cache.layers) {
-        kc.slice_set(k, 1, 0).map_err(rt)?;
-        vc.slice_set(v, 1, 0).map_err(rt)?;
+        kc.slice_set(k, 1, 0)?;
+        vc.slice_set(v, 1, 0)?;
     }
     cache.len = len;
     Ok(())

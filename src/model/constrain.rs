@@ -39,13 +39,19 @@ pub struct Constrainer {
     eos: Arc<SimpleVob>,
 }
 
-/// A constraint failure (grammar compile error or an internal parser error).
+/// A constraint failure: the tokenizer could not be handed over, the grammar did not compile,
+/// or llguidance's parser failed.
 #[derive(Debug, thiserror::Error)]
-#[error("constraint: {0}")]
-pub struct ConstraintError(pub String);
-
-fn ce(e: impl std::fmt::Display) -> ConstraintError {
-    ConstraintError(e.to_string())
+pub enum ConstraintError {
+    /// The tokenizer did not serialize.
+    #[error("constraint: tokenizer: {0}")]
+    Tokenizer(#[source] tokenizers::Error),
+    /// The grammar did not compile.
+    #[error("constraint: grammar: {0}")]
+    Grammar(String),
+    /// llguidance failed.
+    #[error("constraint: {0}")]
+    Llguidance(#[from] anyhow::Error),
 }
 
 impl Constrainer {
@@ -55,14 +61,13 @@ impl Constrainer {
         tokenizer: &tokenizers::Tokenizer,
         stop: &[u32],
     ) -> Result<Constrainer, ConstraintError> {
-        let json = tokenizer.to_string(false).map_err(ce)?;
-        let mut bt =
-            toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(json.as_bytes()).map_err(ce)?;
+        let json = tokenizer
+            .to_string(false)
+            .map_err(ConstraintError::Tokenizer)?;
+        let mut bt = toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(json.as_bytes())?;
         bt.set_eos_tokens(stop);
-        let tok_env = bt
-            .into_tok_env(Some(tokenizer.get_vocab_size(true)))
-            .map_err(ce)?;
-        let mut factory = ParserFactory::new_simple(&tok_env).map_err(ce)?;
+        let tok_env = bt.into_tok_env(Some(tokenizer.get_vocab_size(true)))?;
+        let mut factory = ParserFactory::new_simple(&tok_env)?;
         factory.quiet();
         let trie = tok_env.tok_trie();
         let n = trie.vocab_size();
@@ -105,11 +110,10 @@ impl Constrainer {
             let t = Instant::now();
             let parser = self
                 .factory
-                .create_parser(TopLevelGrammar::from_lark(grammar.to_string()))
-                .map_err(ce)?;
+                .create_parser(TopLevelGrammar::from_lark(grammar.to_string()))?;
             let m = Matcher::new(Ok(parser));
             if let Some(e) = m.get_error() {
-                return Err(ce(e));
+                return Err(ConstraintError::Grammar(e.to_string()));
             }
             compile_ms = t.elapsed().as_secs_f64() * 1e3;
             self.cache.insert(grammar.clone(), m);
@@ -178,7 +182,7 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(None);
         }
-        let mut mask = self.matcher.compute_mask().map_err(ce)?;
+        let mut mask = self.matcher.compute_mask()?;
         mask.sub(&self.eos);
         if mask.is_zero() {
             return Ok(None); // only end-of-turn is left: the answer is complete
@@ -245,7 +249,7 @@ impl Constraint {
         token: TokenId,
         tracker: &ValueTracker,
     ) -> Result<(), ConstraintError> {
-        self.matcher.consume_token(token).map_err(ce)?;
+        self.matcher.consume_token(token)?;
         for v in &tracker.values()[self.seen_count..] {
             self.seen.insert(normalize(&v.value));
         }

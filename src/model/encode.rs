@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{chat::Message, rt, ModelError, TextModel};
+use super::{chat::Message, ModelError, TextModel};
 
 /// Shared message heads whose token ids are memoized (one per category in practice); the memo
 /// is emptied when full.
@@ -66,7 +66,7 @@ impl TextModel {
             .enumerate()
             .map(|(i, m)| Message::with_images(&m.role, placeholder(i), m.images))
             .collect();
-        let mut text = self.template.render(&masked, true).map_err(rt)?;
+        let mut text = self.template.render(&masked, true)?;
         text.push_str(assistant_prefix);
         let mut ids = Vec::with_capacity(text.len() / 2);
         if self.special.add_bos {
@@ -79,13 +79,15 @@ impl TextModel {
             let end = rest[start..]
                 .find('\u{F8F1}')
                 .map(|e| start + e)
-                .ok_or_else(|| rt("chat template mangled a message placeholder"))?;
+                .ok_or_else(|| {
+                    ModelError::internal("chat template mangled a message placeholder")
+                })?;
             let i: usize = rest[start + '\u{F8F0}'.len_utf8()..end]
                 .parse()
-                .map_err(|_| rt("chat template mangled a message placeholder"))?;
+                .map_err(|_| ModelError::internal("chat template mangled a message placeholder"))?;
             let message = messages
                 .get(i)
-                .ok_or_else(|| rt("chat template invented a message"))?;
+                .ok_or_else(|| ModelError::internal("chat template invented a message"))?;
             self.encode_into(&self.tokenizer, &rest[..start], &mut ids)?;
             let content_start = ids.len();
             self.encode_into(&self.text_tokenizer, &message.content, &mut ids)?;
@@ -107,7 +109,7 @@ impl TextModel {
         }
         self.encode_into(&self.tokenizer, rest, &mut ids)?;
         if used != messages.len() {
-            return Err(rt(format!(
+            return Err(ModelError::internal(format!(
                 "chat template rendered {used} of {} message contents",
                 messages.len()
             )));
@@ -139,7 +141,12 @@ impl TextModel {
         ids: &mut Vec<u32>,
     ) -> Result<(), ModelError> {
         if !text.is_empty() {
-            ids.extend_from_slice(tokenizer.encode(text, false).map_err(rt)?.get_ids());
+            ids.extend_from_slice(
+                tokenizer
+                    .encode(text, false)
+                    .map_err(ModelError::Tokenizer)?
+                    .get_ids(),
+            );
         }
         Ok(())
     }
@@ -171,7 +178,7 @@ impl TextModel {
         let content = self
             .text_tokenizer
             .encode(msgs[last].content.as_str(), false)
-            .map_err(rt)?;
+            .map_err(ModelError::Tokenizer)?;
         let content_ids = content.get_ids();
         let mut excess = ids.len() - max_tokens;
         // Token boundaries can shift when text is re-encoded: cut, re-check, cut a little more.
@@ -183,7 +190,7 @@ impl TextModel {
             let mut cut = self
                 .tokenizer
                 .decode(&content_ids[..keep], false)
-                .map_err(rt)?;
+                .map_err(ModelError::Tokenizer)?;
             // A cut may end inside a multi-byte character, which decodes as U+FFFD: drop it.
             while cut.ends_with('\u{FFFD}') {
                 cut.pop();

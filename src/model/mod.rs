@@ -60,13 +60,26 @@ pub enum ModelError {
     /// The grammar did not compile, or the constrained parser failed.
     #[error("{0}")]
     Constraint(#[from] constrain::ConstraintError),
-    /// candle, the tokenizer or the template failed at run time.
+    /// candle failed at run time.
+    #[error("model: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The tokenizer failed.
+    #[error("model: tokenizer: {0}")]
+    Tokenizer(#[source] tokenizers::Error),
+    /// The chat template failed to render.
+    #[error("model: {0}")]
+    Template(#[from] chat::TemplateError),
+    /// Anything else at run time: a broken invariant of this layer, or a failure passed on to
+    /// every sequence of a failed batch step. The message says which.
     #[error("model: {0}")]
     Runtime(String),
 }
 
-pub(crate) fn rt(e: impl std::fmt::Display) -> ModelError {
-    ModelError::Runtime(e.to_string())
+impl ModelError {
+    /// A [`ModelError::Runtime`] saying `message`.
+    pub(crate) fn internal(message: impl Into<String>) -> ModelError {
+        ModelError::Runtime(message.into())
+    }
 }
 
 /// What the model is, for versions and responses.
@@ -99,7 +112,7 @@ pub struct TextModel {
     template: ChatTemplate,
     constrainer: constrain::Constrainer,
     device: Device,
-    /// States after shared prompt prefixes (GGUF models).
+    /// States after shared prompt prefixes (llama-family GGUF models).
     prefixes: prefix::PrefixCache<PrefixState>,
     /// Token ids of shared message heads, by text ([`TextModel::head_ids`]).
     head_memo: std::sync::Mutex<std::collections::HashMap<String, Arc<[u32]>>>,

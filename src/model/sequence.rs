@@ -6,7 +6,6 @@ use std::{sync::Arc, time::Instant};
 use super::{
     constrain,
     qwen3vl::image_proc::ProcessedImage,
-    rt,
     values::{ScoredValue, ValueTracker},
     ModelError, TextModel,
 };
@@ -109,7 +108,7 @@ impl TextModel {
             });
         }
         if prompt.is_empty() {
-            return Err(rt("empty prompt"));
+            return Err(ModelError::internal("empty prompt"));
         }
         let t0 = Instant::now();
         let (mut logits, prompt_len) = self.prefill_shared(prompt, images, params.shared_prefix)?;
@@ -183,7 +182,10 @@ impl TextModel {
         }
         seq.out.push(next);
         if params.stop_at_json_end && seq.constraint.is_none() {
-            let text = self.tokenizer.decode(&seq.out, true).map_err(rt)?;
+            let text = self
+                .tokenizer
+                .decode(&seq.out, true)
+                .map_err(ModelError::Tokenizer)?;
             if json_object_closed(&params.assistant_prefix, &text) {
                 return Ok(None);
             }
@@ -196,7 +198,10 @@ impl TextModel {
 
     /// The finished sequence's text, counts and timings.
     pub fn finish(&self, seq: Sequence) -> Result<Generation, ModelError> {
-        let text = self.tokenizer.decode(&seq.out, true).map_err(rt)?;
+        let text = self
+            .tokenizer
+            .decode(&seq.out, true)
+            .map_err(ModelError::Tokenizer)?;
         let mask_us = seq
             .constraint
             .as_ref()

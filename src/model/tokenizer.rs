@@ -48,13 +48,30 @@ fn pre_tokenizer_for(pre: &str) -> Option<PreTok> {
     })
 }
 
-/// Why a tokenizer could not be built.
+/// Why a tokenizer, its special tokens or its chat template could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("tokenizer from GGUF: {0}")]
-pub struct TokenizerError(pub String);
-
-fn te(e: impl std::fmt::Display) -> TokenizerError {
-    TokenizerError(e.to_string())
+pub enum TokenizerError {
+    /// The model's metadata does not describe a tokenizer we build the way llama.cpp does.
+    #[error("tokenizer: {0}")]
+    Unsupported(String),
+    /// A GGUF metadata value has the wrong type.
+    #[error("tokenizer: GGUF metadata: {0}")]
+    Gguf(#[from] candle_core::Error),
+    /// The `tokenizers` crate refused what we built.
+    #[error("tokenizer: {0}")]
+    Build(#[source] tokenizers::Error),
+    /// A checkpoint file could not be read.
+    #[error("tokenizer: {0}")]
+    Io(#[from] std::io::Error),
+    /// A checkpoint's JSON file does not parse.
+    #[error("tokenizer: {file}: {source}")]
+    Json {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Token ids the model needs besides the vocabulary.
@@ -77,9 +94,9 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
     let md = |k: &str| ct.metadata.get(k);
     let model = md("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
-        .ok_or_else(|| te("tokenizer.ggml.model missing"))?;
+        .ok_or_else(|| TokenizerError::Unsupported("tokenizer.ggml.model missing".into()))?;
     if model != "gpt2" {
-        return Err(te(format!(
+        return Err(TokenizerError::Unsupported(format!(
             "tokenizer.ggml.model = {model:?} is not supported (byte-level BPE, \"gpt2\", is)"
         )));
     }
@@ -88,36 +105,33 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
         .map(String::as_str)
         .unwrap_or("default");
     let pretok = pre_tokenizer_for(pre).ok_or_else(|| {
-        te(format!(
+        TokenizerError::Unsupported(format!(
             "tokenizer.ggml.pre = {pre:?} is not supported; tokenizing it differently from llama.cpp would silently change the model's input"
         ))
     })?;
     let tokens: Vec<String> = md("tokenizer.ggml.tokens")
-        .ok_or_else(|| te("tokenizer.ggml.tokens missing"))?
-        .to_vec()
-        .map_err(te)?
+        .ok_or_else(|| TokenizerError::Unsupported("tokenizer.ggml.tokens missing".into()))?
+        .to_vec()?
         .iter()
-        .map(|v| v.to_string().cloned().map_err(te))
+        .map(|v| v.to_string().cloned())
         .collect::<Result<_, _>>()?;
     let types: Vec<i32> = match md("tokenizer.ggml.token_type") {
         Some(v) => v
-            .to_vec()
-            .map_err(te)?
+            .to_vec()?
             .iter()
-            .map(|t| t.to_i32().map_err(te))
+            .map(|t| t.to_i32())
             .collect::<Result<_, _>>()?,
         None => vec![1; tokens.len()],
     };
     let merges: Vec<(String, String)> = md("tokenizer.ggml.merges")
-        .ok_or_else(|| te("tokenizer.ggml.merges missing"))?
-        .to_vec()
-        .map_err(te)?
+        .ok_or_else(|| TokenizerError::Unsupported("tokenizer.ggml.merges missing".into()))?
+        .to_vec()?
         .iter()
         .map(|v| {
-            let s = v.to_string().map_err(te)?;
+            let s = v.to_string()?;
             let (a, b) = s
                 .split_once(' ')
-                .ok_or_else(|| te(format!("merge {s:?} has no space")))?;
+                .ok_or_else(|| TokenizerError::Unsupported(format!("merge {s:?} has no space")))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<_, TokenizerError>>()?;
@@ -129,7 +143,7 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(te)?;
+        .map_err(TokenizerError::Build)?;
     let mut tok = Tokenizer::new(bpe);
     let pre_tokenizer: PreTokenizerWrapper = match pretok {
         PreTok::DigitsThenGpt2 => Sequence::new(vec![
@@ -138,7 +152,7 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
                 SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .map_err(te)?
+            .map_err(TokenizerError::Build)?
             .into(),
             ByteLevel::new(false, true, true).into(),
         ])
@@ -150,7 +164,7 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
                 SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .map_err(te)?
+            .map_err(TokenizerError::Build)?
             .into(),
             ByteLevel::new(false, true, false).into(),
         ])
@@ -166,7 +180,8 @@ pub fn from_gguf(ct: &Content) -> Result<(Tokenizer, SpecialTokens), TokenizerEr
         .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
         .map(|(s, &t)| AddedToken::from(s.clone(), t == TOKEN_TYPE_CONTROL).normalized(false))
         .collect();
-    tok.add_special_tokens(added).map_err(te)?;
+    tok.add_special_tokens(added)
+        .map_err(TokenizerError::Build)?;
 
     let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
     let bos = id("tokenizer.ggml.bos_token_id");
@@ -206,9 +221,12 @@ pub fn from_hf_dir(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens, T
         match std::fs::read_to_string(dir.join(name)) {
             Ok(t) => serde_json::from_str(&t)
                 .map(Some)
-                .map_err(|e| te(format!("{name}: {e}"))),
+                .map_err(|source| TokenizerError::Json {
+                    file: name.to_string(),
+                    source,
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(te(format!("{name}: {e}"))),
+            Err(e) => Err(e.into()),
         }
     };
     let tok_cfg = json("tokenizer_config.json")?.unwrap_or_default();
@@ -236,8 +254,8 @@ pub fn from_hf_dir(dir: &Path, tokenizer: &Tokenizer) -> Result<SpecialTokens, T
     stop.sort_unstable();
     stop.dedup();
     if stop.is_empty() {
-        return Err(te(
-            "no end-of-sequence token: neither generation_config.json eos_token_id nor tokenizer_config.json eos_token",
+        return Err(TokenizerError::Unsupported(
+            "no end-of-sequence token: neither generation_config.json eos_token_id nor tokenizer_config.json eos_token".into(),
         ));
     }
     let add_bos = tok_cfg
@@ -265,7 +283,10 @@ pub fn hf_chat_template(dir: &Path) -> Result<Option<String>, TokenizerError> {
             continue;
         };
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| te(format!("{name}: {e}")))?;
+            serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+                file: name.to_string(),
+                source,
+            })?;
         match v.get("chat_template") {
             Some(serde_json::Value::String(s)) => return Ok(Some(s.clone())),
             Some(serde_json::Value::Array(list)) => {
@@ -291,8 +312,7 @@ pub fn hf_chat_template(dir: &Path) -> Result<Option<String>, TokenizerError> {
 /// every byte (about 1 s per 10 GB), so a fine-tune with unchanged shapes gets a new version.
 pub fn dir_digest(dir: &Path) -> Result<String, TokenizerError> {
     use std::io::Read;
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(te)?
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".json") || n.ends_with(".jinja") || n.ends_with(".safetensors"))
@@ -303,9 +323,9 @@ pub fn dir_digest(dir: &Path) -> Result<String, TokenizerError> {
     for name in names {
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
-        let mut f = std::fs::File::open(dir.join(&name)).map_err(te)?;
+        let mut f = std::fs::File::open(dir.join(&name))?;
         loop {
-            let n = f.read(&mut buf).map_err(te)?;
+            let n = f.read(&mut buf)?;
             if n == 0 {
                 break;
             }

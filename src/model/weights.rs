@@ -5,7 +5,7 @@ use std::io::{Read, Seek};
 use candle_core::{quantized::gguf_file, Tensor};
 use candle_transformers::models::quantized_qwen2;
 
-use super::{llama, qwen3vl, rt, LoadOptions, ModelError};
+use super::{llama, qwen3vl, LoadOptions, ModelError};
 
 /// The loaded network and its caches.
 pub(super) enum Weights {
@@ -109,7 +109,9 @@ pub(super) fn slot_caches(
     let mut seen = vec![false; slots.len()];
     for &i in &which {
         if i >= slots.len() || std::mem::replace(&mut seen[i], true) {
-            return Err(rt(format!("cache slot {i} is out of range or used twice")));
+            return Err(ModelError::internal(format!(
+                "cache slot {i} is out of range or used twice"
+            )));
         }
     }
     let mut by_index: Vec<Option<&mut qwen3vl::KvCache>> =
@@ -119,7 +121,7 @@ pub(super) fn slot_caches(
         .map(|&i| {
             by_index[i]
                 .take()
-                .ok_or_else(|| rt("cache slot not allocated"))
+                .ok_or_else(|| ModelError::internal("cache slot not allocated"))
         })
         .collect()
 }
