@@ -20,12 +20,16 @@
 //! `convert_to_rgb`: EXIF orientation applied, transparency composited onto white with Pillow's
 //! integer arithmetic.
 
-use std::borrow::Cow;
-use std::io::Cursor;
+mod decode;
+mod resize;
 
-use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use std::borrow::Cow;
+
+use image::RgbImage;
 use serde::Deserialize;
+
+pub use decode::decode_rgb;
+pub use resize::resize_bicubic_antialias;
 
 /// Largest aspect ratio (long side over short side) that [`smart_resize`] accepts, as in HF.
 pub const MAX_ASPECT_RATIO: f64 = 200.0;
@@ -368,171 +372,6 @@ pub fn smart_resize(
     Ok((h_bar, w_bar))
 }
 
-/// Keys' cubic convolution kernel with `a = -0.5`, evaluated as torch writes it.
-fn keys_cubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
-    } else {
-        0.0
-    }
-}
-
-/// Fixed-point filter taps for one axis: for output `i`, input pixels
-/// `start[i] .. start[i] + len[i]` weighted by `coeffs[i * stride ..]`, scaled by
-/// `2^precision`.
-struct AxisTaps {
-    start: Vec<usize>,
-    len: Vec<usize>,
-    coeffs: Vec<i16>,
-    stride: usize,
-    precision: u32,
-}
-
-impl AxisTaps {
-    /// Torch's `_compute_index_ranges_int16_weights` for bicubic with antialias.
-    fn new(in_size: usize, out_size: usize) -> Self {
-        let scale = in_size as f64 / out_size as f64;
-        let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
-        let stride = support.ceil() as usize * 2 + 1;
-        let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-
-        let mut start = Vec::with_capacity(out_size);
-        let mut len = Vec::with_capacity(out_size);
-        let mut weights = vec![0.0f64; out_size * stride];
-        let mut wt_max = 0.0f64;
-        for i in 0..out_size {
-            let center = scale * (i as f64 + 0.5);
-            // `as i64` truncates toward zero like the C++ cast.
-            let xmin = ((center - support + 0.5) as i64).max(0);
-            let xsize = ((center + support + 0.5) as i64)
-                .min(in_size as i64)
-                .saturating_sub(xmin)
-                .clamp(0, stride as i64);
-            let (xmin, xsize) = (xmin as usize, xsize as usize);
-            let w = &mut weights[i * stride..i * stride + xsize];
-            let mut total = 0.0f64;
-            for (j, wj) in w.iter_mut().enumerate() {
-                *wj = keys_cubic(((j + xmin) as f64 - center + 0.5) * invscale);
-                total += *wj;
-            }
-            if total != 0.0 {
-                for wj in w.iter_mut() {
-                    *wj /= total;
-                    wt_max = wt_max.max(*wj);
-                }
-            }
-            start.push(xmin);
-            len.push(xsize);
-        }
-
-        // The largest precision (at most 22) for which the largest weight, doubled, still fits
-        // in 15 bits.
-        let mut precision = 0u32;
-        while precision < 22 {
-            let next = (0.5 + wt_max * f64::from(1i32 << (precision + 1))) as i32;
-            if next >= 1 << 15 {
-                break;
-            }
-            precision += 1;
-        }
-        let unit = f64::from(1i32 << precision);
-        let coeffs = weights
-            .iter()
-            .map(|&w| {
-                let v = w * unit;
-                let rounded = if v < 0.0 {
-                    (-0.5 + v) as i32
-                } else {
-                    (0.5 + v) as i32
-                };
-                rounded as i16
-            })
-            .collect();
-        Self {
-            start,
-            len,
-            coeffs,
-            stride,
-            precision,
-        }
-    }
-
-    /// Applies output tap `i` to `n` samples reached by `sample(input_index)`, with torch's
-    /// rounding (`+ 2^(p-1)`, arithmetic shift) and clamping to `u8`.
-    #[inline]
-    fn apply(&self, i: usize, sample: impl Fn(usize) -> u8) -> u8 {
-        let k = &self.coeffs[i * self.stride..i * self.stride + self.len[i]];
-        let mut acc: i32 = 1 << (self.precision - 1);
-        for (j, &kj) in k.iter().enumerate() {
-            acc =
-                acc.wrapping_add(i32::from(sample(self.start[i] + j)).wrapping_mul(i32::from(kj)));
-        }
-        (acc >> self.precision).clamp(0, 255) as u8
-    }
-}
-
-/// Resizes with torch's CPU `uint8` kernel for `interpolate(mode="bicubic", antialias=True,
-/// align_corners=False)`, bit for bit.
-///
-/// Torch runs this through `upsample_avx_bilinear_bicubic_uint8` on AVX2 builds and through
-/// `separable_upsample_generic_Nd_kernel_impl` otherwise; both do the same integer arithmetic.
-/// An axis whose size is unchanged is skipped, as torch skips it.
-///
-/// # Panics
-///
-/// Panics if the source image or the requested size has a side of zero pixels.
-pub fn resize_bicubic_antialias(src: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    let (in_w, in_h) = src.dimensions();
-    assert!(
-        in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0,
-        "resize from {in_w}x{in_h} to {out_w}x{out_h}: every side must be at least 1 pixel"
-    );
-    if (in_w, in_h) == (out_w, out_h) {
-        return src.clone();
-    }
-    let (in_w, in_h, ow, oh) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
-
-    // Horizontal pass: in_h rows of ow pixels.
-    let horizontal: Cow<'_, [u8]> = if ow == in_w {
-        Cow::Borrowed(src.as_raw().as_slice())
-    } else {
-        let taps = AxisTaps::new(in_w, ow);
-        let input = src.as_raw();
-        let mut out = vec![0u8; in_h * ow * 3];
-        for (in_row, out_row) in input
-            .chunks_exact(in_w * 3)
-            .zip(out.chunks_exact_mut(ow * 3))
-        {
-            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
-                for (c, v) in px.iter_mut().enumerate() {
-                    *v = taps.apply(x, |j| in_row[j * 3 + c]);
-                }
-            }
-        }
-        Cow::Owned(out)
-    };
-
-    // Vertical pass: oh rows of ow pixels.
-    let pixels = if oh == in_h {
-        horizontal.into_owned()
-    } else {
-        let taps = AxisTaps::new(in_h, oh);
-        let row_len = ow * 3;
-        let mut out = vec![0u8; oh * row_len];
-        for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
-            for (x, v) in out_row.iter_mut().enumerate() {
-                *v = taps.apply(y, |j| horizontal[j * row_len + x]);
-            }
-        }
-        out
-    };
-    RgbImage::from_raw(out_w, out_h, pixels).expect("buffer length matches the output size")
-}
-
 /// Model input for one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedImage {
@@ -618,144 +457,9 @@ pub fn preprocess(img: &RgbImage, cfg: &ProcessorConfig) -> Result<ProcessedImag
     })
 }
 
-/// Pillow's `SHIFTFORDIV255`: `a / 255` for the ranges used below.
-#[inline]
-fn shift_div_255(a: u32) -> u32 {
-    ((a >> 8) + a) >> 8
-}
-
-/// One channel of Pillow's `alpha_composite(opaque white, (v, alpha))`, step by step.
-#[inline]
-fn over_white(v: u8, alpha: u8) -> u8 {
-    const PRECISION_BITS: u32 = 7;
-    const DST: u32 = 255;
-    const DST_ALPHA: u32 = 255;
-    if alpha == 0 {
-        return DST as u8;
-    }
-    let (v, a) = (u32::from(v), u32::from(alpha));
-    let blend = DST_ALPHA * (255 - a);
-    let outa255 = a * 255 + blend;
-    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
-    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
-    let tmp = v * coef1 + DST * coef2;
-    (shift_div_255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
-}
-
-/// Converts a decoded image to RGB8 as transformers' `convert_to_rgb` does through Pillow.
-///
-/// 16-bit samples keep their high byte, as Pillow's PNG reader does for RGB, RGBA and LA. For
-/// 16-bit grayscale Pillow opens mode `I;16` and its RGB conversion clips every value above
-/// 255 to white; this function keeps the high byte there too, so such images differ from HF.
-fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
-    let (w, h) = (img.width(), img.height());
-    let hi = |v: u16| (v >> 8) as u8;
-    let from_fn =
-        |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
-    match img {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        DynamicImage::ImageLuma8(l) => from_fn(&|x, y| [l.get_pixel(x, y).0[0]; 3]),
-        DynamicImage::ImageLumaA8(la) => from_fn(&|x, y| {
-            let [v, a] = la.get_pixel(x, y).0;
-            [over_white(v, a); 3]
-        }),
-        DynamicImage::ImageRgba8(rgba) => from_fn(&|x, y| {
-            let [r, g, b, a] = rgba.get_pixel(x, y).0;
-            [over_white(r, a), over_white(g, a), over_white(b, a)]
-        }),
-        DynamicImage::ImageLuma16(l) => from_fn(&|x, y| [hi(l.get_pixel(x, y).0[0]); 3]),
-        DynamicImage::ImageLumaA16(la) => from_fn(&|x, y| {
-            let [v, a] = la.get_pixel(x, y).0;
-            [over_white(hi(v), hi(a)); 3]
-        }),
-        DynamicImage::ImageRgb16(rgb) => from_fn(&|x, y| rgb.get_pixel(x, y).0.map(hi)),
-        DynamicImage::ImageRgba16(rgba) => from_fn(&|x, y| {
-            let [r, g, b, a] = rgba.get_pixel(x, y).0.map(hi);
-            [over_white(r, a), over_white(g, a), over_white(b, a)]
-        }),
-        other => {
-            let rgba = other.to_rgba8();
-            from_fn(&|x, y| {
-                let [r, g, b, a] = rgba.get_pixel(x, y).0;
-                [over_white(r, a), over_white(g, a), over_white(b, a)]
-            })
-        }
-    }
-}
-
-/// Wraps a decoder error that hit `limits`, naming them.
-fn limits_error(limits: &Limits, source: image::ImageError) -> ImageProcError {
-    let side = |v: Option<u32>| v.map_or_else(|| "any".to_owned(), |v| v.to_string());
-    let alloc = limits
-        .max_alloc
-        .map_or_else(|| "unlimited".to_owned(), |v| format!("{v} bytes"));
-    ImageProcError::Limits {
-        limits: format!(
-            "at most {}x{} pixels, allocations {}",
-            side(limits.max_image_width),
-            side(limits.max_image_height),
-            alloc
-        ),
-        source: Box::new(source),
-    }
-}
-
-/// Decodes PNG, JPEG, WebP or GIF bytes (first frame) to RGB8 as HF sees a PIL image.
-///
-/// The EXIF orientation is applied (as `PIL.ImageOps.exif_transpose`); transparency (an alpha
-/// channel, a `tRNS` chunk, a GIF transparent index) is composited onto opaque white with
-/// Pillow's integer `alpha_composite`, as transformers' `convert_to_rgb` does; grayscale and
-/// palettes are expanded; CMYK JPEGs are converted to RGB. 16-bit samples keep their high byte,
-/// as Pillow does for RGB, RGBA and gray+alpha; for plain 16-bit grayscale Pillow instead clips
-/// at 255 (most such images turn white in HF), and this function keeps the high byte.
-///
-/// `limits` bounds the image dimensions and the bytes decoding may allocate (the decoded image
-/// in its own pixel format, and the decoders' working buffers), so decompression bombs fail
-/// with [`ImageProcError::Limits`] before pixels are allocated; the RGB8 result, at most the
-/// decoded size, is not charged. JPEG pixels can differ slightly from Pillow's libjpeg-turbo
-/// (rounding, and chroma at the right and bottom edges of subsampled images).
-pub fn decode_rgb(bytes: &[u8], limits: Limits) -> Result<RgbImage, ImageProcError> {
-    let map = |e: image::ImageError| match e {
-        image::ImageError::Limits(_) => limits_error(&limits, e),
-        image::ImageError::Unsupported(_) => ImageProcError::UnsupportedFormat,
-        other => ImageProcError::Decode(Box::new(other)),
-    };
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageProcError::Decode(Box::new(e.into())))?;
-    if reader.format().is_none() {
-        return Err(ImageProcError::UnsupportedFormat);
-    }
-    reader.limits(limits.clone());
-    let mut decoder = reader.into_decoder().map_err(map)?;
-
-    // The decoder's own buffers are bounded by the limits it was given; the decoded image is
-    // charged here, as `ImageReader::decode` does.
-    let mut budget = limits.clone();
-    budget.reserve(decoder.total_bytes()).map_err(map)?;
-
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let decoded = DynamicImage::from_decoder(decoder).map_err(map)?;
-    let rgb = to_rgb_like_pil(decoded);
-    if orientation == Orientation::NoTransforms {
-        return Ok(rgb);
-    }
-    let mut oriented = DynamicImage::ImageRgb8(rgb);
-    oriented.apply_orientation(orientation);
-    Ok(oriented.into_rgb8())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn over_white_is_identity_when_opaque_and_white_when_clear() {
-        for v in 0..=255u8 {
-            assert_eq!(over_white(v, 255), v);
-            assert_eq!(over_white(v, 0), 255);
-        }
-    }
 
     #[test]
     fn smart_resize_rounds_half_to_even() {
@@ -816,14 +520,6 @@ mod tests {
         for x in 0..=255u8 {
             let want = (f32::from(x) - 127.5) / 127.5;
             assert_eq!(table[1][usize::from(x)].to_bits(), want.to_bits());
-        }
-    }
-
-    #[test]
-    fn taps_are_identity_at_scale_one() {
-        let taps = AxisTaps::new(7, 7);
-        for i in 0..7 {
-            assert_eq!(taps.apply(i, |j| (j * 30) as u8), (i * 30) as u8);
         }
     }
 }
