@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tonic_health::ServingStatus;
+use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     client::replica::{Follower, ReplicaState},
@@ -110,102 +110,22 @@ pub async fn run(
     let enc = cfg.server.max_encoding_message_bytes;
 
     // A primary runs the engine and serves TagService; a replica follows a primary instead.
-    // Either way a background task drives health: `watcher` (engine state) or the follower.
-    let mut engine_parts = None;
-    let mut follow_task = None;
-    let mut tag_service = None;
-    let background: tokio::task::JoinHandle<()>;
-    let model_version: crate::grpc::ModelVersion;
-    if cfg.replica.enabled() {
-        let follower = Follower::new(cfg.replica.clone(), notes.clone(), handbook.clone());
-        let mv = follower.model_version.clone();
-        model_version = Arc::new(move || mv.read().map(|m| m.clone()).unwrap_or_default());
-        // Until the first catch-up a replica would answer `found = false` for notes that exist.
-        health
-            .set_service_status(FEATURE_SERVICE, ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        let mut states = follower.watch();
-        let h = health.clone();
-        follow_task = Some(tokio::spawn(follower.run()));
-        background = tokio::spawn(async move {
-            loop {
-                let status = match &*states.borrow_and_update() {
-                    ReplicaState::Following => ServingStatus::Serving,
-                    ReplicaState::CatchingUp | ReplicaState::Mismatched(_) => {
-                        ServingStatus::NotServing
-                    }
-                };
-                h.set_service_status(FEATURE_SERVICE, status).await;
-                h.set_service_status("", status).await;
-                if states.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
+    // Either way a background task drives health.
+    let role = if cfg.replica.enabled() {
+        Role::replica(&cfg, notes.clone(), handbook.clone(), &health).await
     } else {
-        let (engine, engine_thread) = start_engine(&cfg)?;
-        metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
-        let tagger = Tagger::new(
-            handbook.clone(),
-            engine.clone(),
+        Role::primary(&cfg, handbook.clone(), &health).await?
+    };
+    let tag_service = role.tagger.clone().map(|tagger| {
+        pb::tag_service_server::TagServiceServer::new(TagApi::new(
+            tagger,
+            notes.clone(),
             cfg.limits.clone(),
-            &cfg.model,
-        );
-        let t = tagger.clone();
-        model_version = Arc::new(move || {
-            t.versions()
-                .map(|v| v.model)
-                .unwrap_or_else(|_| "(loading)".into())
-        });
-        health
-            .set_service_status(FEATURE_SERVICE, ServingStatus::Serving)
-            .await;
-        health
-            .set_service_status(TAG_SERVICE, ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        // Follow the engine: SERVING once the model is loaded and warm.
-        let mut states = engine.watch();
-        let h = health.clone();
-        background = tokio::spawn(async move {
-            loop {
-                let status = match &*states.borrow_and_update() {
-                    EngineState::Ready(_) => ServingStatus::Serving,
-                    EngineState::Failed(e) => {
-                        tracing::error!(error = %e, "tagging unavailable");
-                        ServingStatus::NotServing
-                    }
-                    EngineState::Loading => ServingStatus::NotServing,
-                };
-                metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
-                    1.0
-                } else {
-                    0.0
-                });
-                h.set_service_status(TAG_SERVICE, status).await;
-                h.set_service_status("", status).await;
-                if states.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        tag_service = Some(
-            pb::tag_service_server::TagServiceServer::new(TagApi::new(
-                tagger.clone(),
-                notes.clone(),
-                cfg.limits.clone(),
-                cfg.server.stream_concurrency,
-            ))
-            .max_decoding_message_size(dec)
-            .max_encoding_message_size(enc),
-        );
-        engine_parts = Some((tagger, engine, engine_thread));
-    }
+            cfg.server.stream_concurrency,
+        ))
+        .max_decoding_message_size(dec)
+        .max_encoding_message_size(enc)
+    });
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -218,7 +138,7 @@ pub async fn run(
     let feature_service = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(
         notes.clone(),
         handbook.clone(),
-        model_version,
+        role.model_version.clone(),
         cfg.limits.clone(),
     ))
     .max_decoding_message_size(dec)
@@ -236,15 +156,7 @@ pub async fn run(
         }
         None => None,
     };
-    match (&tokens, &tls) {
-        (Some(_), Some(_)) => tracing::info!("auth: bearer token required (health exempt); TLS on"),
-        (Some(_), None) => tracing::warn!("auth: bearer token required, but without TLS the token crosses the network in clear text"),
-        (None, Some(_)) => tracing::info!("TLS on; no auth"),
-        (None, None) if !addr.ip().is_loopback() => {
-            tracing::warn!(%addr, "listening beyond loopback with neither auth nor TLS")
-        }
-        (None, None) => {}
-    }
+    log_security(tokens.is_some(), tls.is_some(), addr);
     if cfg.replica.enabled() {
         tracing::info!(%addr, upstream = %cfg.replica.upstream, data_dir = %cfg.data_dir.display(), "serving as a read replica");
     } else {
@@ -284,7 +196,7 @@ pub async fn run(
             r = &mut server => r?,
             () = shutdown => {
                 tracing::info!("shutting down: draining in-flight calls");
-                background.abort();
+                role.background.abort();
                 health.set_service_status("", ServingStatus::NotServing).await;
                 health.set_service_status(TAG_SERVICE, ServingStatus::NotServing).await;
                 health.set_service_status(FEATURE_SERVICE, ServingStatus::NotServing).await;
@@ -297,25 +209,7 @@ pub async fn run(
             }
         }
     }
-    background.abort();
-    // The follower holds the store: stop it, so a restart in the same process can open it.
-    if let Some(f) = follow_task {
-        f.abort();
-        let _ = f.await;
-    }
-    // Dropping the last engine handle ends the engine thread; wait for it so that a restart in
-    // the same process finds the model and the store released.
-    if let Some((tagger, engine, engine_thread)) = engine_parts {
-        drop(tagger);
-        drop(engine);
-        let join = tokio::task::spawn_blocking(move || engine_thread.join());
-        if tokio::time::timeout(Duration::from_secs(10), join)
-            .await
-            .is_err()
-        {
-            tracing::warn!("engine thread still busy after shutdown");
-        }
-    }
+    role.stop().await;
     // Metrics stay up while draining, so the drain itself can be watched.
     let _ = metrics_stop.send(());
     if let Some(t) = metrics_task {
@@ -327,6 +221,162 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What distinguishes a primary from a read replica: the tagger (primary only), where the model
+/// version comes from, the task that drives health, and what to stop on shutdown.
+struct Role {
+    tagger: Option<Tagger>,
+    model_version: crate::grpc::ModelVersion,
+    /// Drives health from the engine's state (primary) or the follower's (replica).
+    background: tokio::task::JoinHandle<()>,
+    /// The replica's follower task.
+    follow_task: Option<tokio::task::JoinHandle<()>>,
+    /// The primary's engine handle and thread.
+    engine: Option<(EngineHandle, std::thread::JoinHandle<()>)>,
+}
+
+impl Role {
+    /// A read replica: follows the primary into the local store; NOT_SERVING until its first
+    /// catch-up (before it, it would answer `found = false` for notes that exist).
+    async fn replica(
+        cfg: &Config,
+        notes: Arc<NoteCache>,
+        handbook: Arc<Handbook>,
+        health: &HealthReporter,
+    ) -> Role {
+        let follower = Follower::new(cfg.replica.clone(), notes, handbook);
+        let mv = follower.model_version.clone();
+        let model_version: crate::grpc::ModelVersion =
+            Arc::new(move || mv.read().map(|m| m.clone()).unwrap_or_default());
+        health
+            .set_service_status(FEATURE_SERVICE, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let mut states = follower.watch();
+        let h = health.clone();
+        let follow_task = Some(tokio::spawn(follower.run()));
+        let background = tokio::spawn(async move {
+            loop {
+                let status = match &*states.borrow_and_update() {
+                    ReplicaState::Following => ServingStatus::Serving,
+                    ReplicaState::CatchingUp | ReplicaState::Mismatched(_) => {
+                        ServingStatus::NotServing
+                    }
+                };
+                h.set_service_status(FEATURE_SERVICE, status).await;
+                h.set_service_status("", status).await;
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Role {
+            tagger: None,
+            model_version,
+            background,
+            follow_task,
+            engine: None,
+        }
+    }
+
+    /// A primary: starts the engine (it loads the model in the background); TagService is
+    /// NOT_SERVING until the model is loaded and warm, FeatureService serves at once.
+    async fn primary(
+        cfg: &Config,
+        handbook: Arc<Handbook>,
+        health: &HealthReporter,
+    ) -> anyhow::Result<Role> {
+        let (engine, engine_thread) = start_engine(cfg)?;
+        metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
+        let tagger = Tagger::new(handbook, engine.clone(), cfg.limits.clone(), &cfg.model);
+        let t = tagger.clone();
+        let model_version: crate::grpc::ModelVersion = Arc::new(move || {
+            t.versions()
+                .map(|v| v.model)
+                .unwrap_or_else(|_| "(loading)".into())
+        });
+        health
+            .set_service_status(FEATURE_SERVICE, ServingStatus::Serving)
+            .await;
+        health
+            .set_service_status(TAG_SERVICE, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let mut states = engine.watch();
+        let h = health.clone();
+        let background = tokio::spawn(async move {
+            loop {
+                let status = match &*states.borrow_and_update() {
+                    EngineState::Ready(_) => ServingStatus::Serving,
+                    EngineState::Failed(e) => {
+                        tracing::error!(error = %e, "tagging unavailable");
+                        ServingStatus::NotServing
+                    }
+                    EngineState::Loading => ServingStatus::NotServing,
+                };
+                metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
+                    1.0
+                } else {
+                    0.0
+                });
+                h.set_service_status(TAG_SERVICE, status).await;
+                h.set_service_status("", status).await;
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Role {
+            tagger: Some(tagger),
+            model_version,
+            background,
+            follow_task: None,
+            engine: Some((engine, engine_thread)),
+        })
+    }
+
+    /// Stops the background tasks and releases the store and the model, so that a restart in
+    /// the same process can open them again.
+    async fn stop(self) {
+        self.background.abort();
+        // The follower holds the store.
+        if let Some(f) = self.follow_task {
+            f.abort();
+            let _ = f.await;
+        }
+        // Dropping the last engine handle (the tagger holds one too) ends the engine thread;
+        // wait for it, so the model and the store are released.
+        drop(self.tagger);
+        drop(self.model_version);
+        if let Some((engine, engine_thread)) = self.engine {
+            drop(engine);
+            let join = tokio::task::spawn_blocking(move || engine_thread.join());
+            if tokio::time::timeout(Duration::from_secs(10), join)
+                .await
+                .is_err()
+            {
+                tracing::warn!("engine thread still busy after shutdown");
+            }
+        }
+    }
+}
+
+/// Says how the listener is protected, and warns where it is not.
+fn log_security(auth: bool, tls: bool, addr: std::net::SocketAddr) {
+    match (auth, tls) {
+        (true, true) => tracing::info!("auth: bearer token required (health exempt); TLS on"),
+        (true, false) => tracing::warn!("auth: bearer token required, but without TLS the token crosses the network in clear text"),
+        (false, true) => tracing::info!("TLS on; no auth"),
+        (false, false) if !addr.ip().is_loopback() => {
+            tracing::warn!(%addr, "listening beyond loopback with neither auth nor TLS")
+        }
+        (false, false) => {}
+    }
 }
 
 /// The rustls server config from PEM files (`None`: plaintext).
