@@ -38,28 +38,10 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-/// Dotted keys (`server.addr`, `replica.tls.ca_file`) of the non-table values of a TOML value,
-/// with those values; an empty table has none.
-fn toml_leaves(v: &toml::Value) -> BTreeMap<String, toml::Value> {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    walk(&join(prefix, k), v, out);
-                }
-            }
-            leaf => {
-                out.insert(prefix.to_string(), leaf.clone());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk("", v, &mut out);
-    out
-}
-
-/// The same for JSON, where an unset `Option` is `null` instead of missing.
-fn json_leaves(v: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+/// Dotted keys (`server.addr`, `replica.tls.ca_file`) of the non-table values of `v` (TOML or a
+/// `Config`, seen as JSON), with those values; an empty table has none. Where `v` is a `Config`,
+/// an unset `Option` is a `null` leaf; TOML has no null, so it leaves such keys out.
+fn leaves(v: impl serde::Serialize) -> BTreeMap<String, serde_json::Value> {
     fn walk(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
         match v {
             serde_json::Value::Object(m) => {
@@ -73,7 +55,7 @@ fn json_leaves(v: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
         }
     }
     let mut out = BTreeMap::new();
-    walk("", v, &mut out);
+    walk("", &serde_json::to_value(v).unwrap(), &mut out);
     out
 }
 
@@ -164,15 +146,13 @@ fn example_config_validates() {
 #[test]
 fn example_config_names_every_key() {
     let text = example_text();
-    let set = toml_leaves(&toml::Value::Table(
-        toml::from_str::<toml::Table>(&text).expect("tagllm.example.toml is TOML"),
-    ));
+    let set = leaves(toml::from_str::<toml::Table>(&text).expect("tagllm.example.toml is TOML"));
     let (uncommented, commented) = uncomment(&text);
 
     // Every key of `Config`. TOML has no null, so `toml::Value::try_from` leaves out the keys
     // whose default is `None`; JSON keeps them, as `null`.
-    let defaults = toml_leaves(&toml::Value::try_from(Config::default()).unwrap());
-    let every = json_leaves(&serde_json::to_value(Config::default()).unwrap());
+    let defaults = leaves(toml::Value::try_from(Config::default()).unwrap());
+    let every = leaves(Config::default());
     let all: BTreeSet<String> = every.keys().cloned().collect();
     let unset: BTreeSet<String> = every
         .iter()
@@ -210,10 +190,9 @@ fn example_config_names_every_key() {
     // sets every key.
     let everything: Config = toml::from_str(&uncommented)
         .unwrap_or_else(|e| panic!("tagllm.example.toml with its settings uncommented: {e}"));
-    let everything_keys: BTreeSet<String> =
-        toml_leaves(&toml::Value::try_from(&everything).unwrap())
-            .into_keys()
-            .collect();
+    let everything_keys: BTreeSet<String> = leaves(toml::Value::try_from(&everything).unwrap())
+        .into_keys()
+        .collect();
     assert_eq!(
         everything_keys, all,
         "uncommented, the example sets every key"

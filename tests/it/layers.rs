@@ -24,6 +24,18 @@ fn sources(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The files of a layer: `src/<layer>/**.rs`, or `src/<layer>.rs`.
+fn layer_files(layer: &str) -> Vec<PathBuf> {
+    let dir = root().join("src").join(layer);
+    let files = if dir.is_dir() {
+        sources(&dir)
+    } else {
+        vec![root().join("src").join(format!("{layer}.rs"))]
+    };
+    assert!(files.iter().all(|f| f.exists()), "no layer {layer}");
+    files
+}
+
 fn rel(f: &Path) -> String {
     f.strip_prefix(root()).unwrap_or(f).display().to_string()
 }
@@ -104,15 +116,8 @@ fn crate_modules(text: &str) -> BTreeSet<String> {
 /// Files under `src/<layer>` that name a module outside `allowed` (the layer itself is always
 /// allowed), as `file: module` lines.
 fn violations(layer: &str, allowed: &[&str]) -> Vec<String> {
-    let dir = root().join("src").join(layer);
-    let files = if dir.is_dir() {
-        sources(&dir)
-    } else {
-        vec![root().join("src").join(format!("{layer}.rs"))]
-    };
-    assert!(files.iter().all(|f| f.exists()), "no layer {layer}");
     let mut bad = Vec::new();
-    for f in files {
+    for f in layer_files(layer) {
         let text = std::fs::read_to_string(&f).unwrap();
         for m in crate_modules(&text) {
             if m != layer && !allowed.contains(&m.as_str()) {
@@ -125,14 +130,8 @@ fn violations(layer: &str, allowed: &[&str]) -> Vec<String> {
 
 /// Files under `src/<layer>` whose code names any of `crates` (as `name::`).
 fn names_crates(layer: &str, crates: &[&str]) -> Vec<String> {
-    let dir = root().join("src").join(layer);
-    let files = if dir.is_dir() {
-        sources(&dir)
-    } else {
-        vec![root().join("src").join(format!("{layer}.rs"))]
-    };
     let mut bad = Vec::new();
-    for f in files {
+    for f in layer_files(layer) {
         let text = code(&std::fs::read_to_string(&f).unwrap());
         for c in crates {
             if text.contains(&format!("{c}::")) {
