@@ -23,12 +23,16 @@
 //! these modules.
 //!
 //! # Invariants
-//! - `domain`, `tags`, `features` and `store` never name tonic or candle; `grpc` never names candle.
+//! - Dependencies point down the data flow: `domain` names nothing else of the crate, `model`
+//!   only `domain`; `domain`, `tagging`, `features` and `store` never name tonic or candle, `grpc`
+//!   and `client` never name candle (checked by `tests/it/layers.rs`).
 //! - candle never runs on a Tokio worker thread: the model lives on its own OS thread
 //!   ([`model::engine`]) fed by a bounded channel.
 //! - Ids that leave the process never come from `std::hash`: the hash function and seed are pinned
 //!   ([`features::stable_hash`]) and test vectors pin their outputs.
 //! - An acknowledged TagNote is committed durably to the store before its response is sent.
+
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod config;

@@ -131,7 +131,7 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Moving average of a job's prefill + decode time (ms; 0 before the first job).
     pub job_ms: AtomicU64,
-    /// Sequences the loaded model decodes together (1 for the GGUF models).
+    /// Sequences the loaded model decodes together (1 for a qwen2 GGUF).
     pub slots: AtomicUsize,
 }
 
@@ -383,7 +383,7 @@ pub(super) fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &Eng
     let _ = job.reply.send(result);
 }
 
-/// One job at a time (models whose KV cache holds one sequence: the GGUF models).
+/// One job at a time (models whose KV cache holds one sequence: qwen2 GGUFs).
 fn run_sequential(
     cfg: &EngineConfig,
     model: &mut TextModel,
