@@ -30,13 +30,11 @@ use std::{
 };
 
 use tagllm::{
-    config::{Config, Decoding},
+    config::Config,
     domain::RawNote,
     grpc::pb,
-    model::Requantize,
-    model::{chat::ChatTemplate, tokenizer, TextModel},
-    tagging::handbook::Handbook,
-    tagging::prompt,
+    model::{chat::ChatTemplate, tokenizer, Requantize, TextModel},
+    tagging::{handbook::Handbook, prompt, tagger::Decoding},
 };
 use tonic::transport::Channel;
 

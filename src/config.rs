@@ -10,7 +10,10 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{domain::Limits, model::Requantize};
+// Each section's type lives with the layer it configures; this module assembles them.
+use crate::{
+    client::replica::ReplicaConfig, domain::Limits, model::Requantize, tagging::tagger::Decoding,
+};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,42 +66,6 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// A read replica serves FeatureService only, from its own store, which it keeps in step with a
-/// primary (`upstream`) by following the primary's ScanNoteFeatures by tagging time. It loads no
-/// model. Several replicas scale feature reads while one primary tags (the store is an embedded
-/// single-writer database, never shared between processes).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReplicaConfig {
-    /// The primary's address (`http://host:50051`); empty: this server is a primary.
-    pub upstream: String,
-    /// Seconds between polls once caught up.
-    pub poll_secs: u64,
-    /// How far back each poll re-reads (ms), so a note whose tagging time was taken just before
-    /// a poll but committed just after it is not missed.
-    pub overlap_ms: i64,
-    /// TLS to an `https://` upstream: `ca_file`, and `cert_file` + `key_file` for mutual TLS.
-    pub tls: crate::client::upstream::ClientTls,
-}
-
-impl Default for ReplicaConfig {
-    fn default() -> Self {
-        ReplicaConfig {
-            upstream: String::new(),
-            poll_secs: 5,
-            overlap_ms: 10_000,
-            tls: crate::client::upstream::ClientTls::default(),
-        }
-    }
-}
-
-impl ReplicaConfig {
-    /// Whether this server is a read replica.
-    pub fn enabled(&self) -> bool {
-        !self.upstream.trim().is_empty()
-    }
-}
-
 /// gRPC server settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -141,27 +108,6 @@ mod optional_addr {
             a => a.parse().map(Some).map_err(|e| {
                 serde::de::Error::custom(format!("{a:?} is not an address or \"off\": {e}"))
             }),
-        }
-    }
-}
-
-/// How tags are decoded.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Decoding {
-    /// Greedy under the category's grammar (handbook keys only, bounded counts and lengths) with
-    /// no repeated values: every answer parses.
-    Constrained,
-    /// Greedy, free; the lenient parser keeps what it can. For comparison and debugging.
-    Unconstrained,
-}
-
-impl Decoding {
-    /// The config spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Decoding::Constrained => "constrained",
-            Decoding::Unconstrained => "unconstrained",
         }
     }
 }

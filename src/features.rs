@@ -228,7 +228,7 @@ impl Schema {
                 Vec::new()
             } else {
                 for d in &g.dimensions {
-                    if !crate::tagging::handbook::is_valid_key(d) {
+                    if !crate::domain::is_valid_key(d) {
                         return Err(err(&place, format!("dimension {d:?} is not a valid key")));
                     }
                 }

@@ -291,7 +291,13 @@ impl Role {
     ) -> anyhow::Result<Role> {
         let (engine, engine_thread) = start_engine(cfg)?;
         metrics::gauge!("tagllm_engine_queue_capacity").set(cfg.model.queue_capacity as f64);
-        let tagger = Tagger::new(handbook, engine.clone(), cfg.limits.clone(), &cfg.model);
+        let tagger = Tagger::new(
+            handbook,
+            engine.clone(),
+            cfg.limits.clone(),
+            cfg.model.decoding,
+            cfg.model.max_new_tokens,
+        );
         let t = tagger.clone();
         let model_version: crate::grpc::ModelVersion = Arc::new(move || {
             t.versions()

@@ -11,10 +11,10 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use tagllm::{
-    config::{Config, Decoding},
+    config::Config,
     domain::{Note, RawNote, Tag},
     server,
-    tagging::tagger::{TagRun, Tagger},
+    tagging::tagger::{Decoding, TagRun, Tagger},
     training::distill::{reference_tags, TeacherSteps},
 };
 
@@ -267,13 +267,12 @@ async fn evaluate(
             "unconstrained" => Decoding::Unconstrained,
             other => anyhow::bail!("--decoding: unknown mode {other:?}"),
         };
-        let mut model_cfg = cfg.model.clone();
-        model_cfg.decoding = decoding;
         let tagger = Arc::new(Tagger::new(
             Arc::clone(&handbook),
             engine.clone(),
             cfg.limits.clone(),
-            &model_cfg,
+            decoding,
+            cfg.model.max_new_tokens,
         ));
         let progress = indicatif::ProgressBar::new(items.len() as u64).with_message(mode.clone());
         let sem = Arc::new(tokio::sync::Semaphore::new(window));

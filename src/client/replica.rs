@@ -16,13 +16,49 @@ use std::{
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
+use super::upstream::ClientTls;
 use crate::{
-    config::ReplicaConfig,
     domain::{now_ms, Versions},
     grpc::pb,
     store::{NoteCache, StoredNote},
     tagging::handbook::Handbook,
 };
+
+/// A read replica serves FeatureService only, from its own store, which it keeps in step with a
+/// primary (`upstream`) by following the primary's ScanNoteFeatures by tagging time. It loads no
+/// model. Several replicas scale feature reads while one primary tags (the store is an embedded
+/// single-writer database, never shared between processes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// The primary's address (`http://host:50051`); empty: this server is a primary.
+    pub upstream: String,
+    /// Seconds between polls once caught up.
+    pub poll_secs: u64,
+    /// How far back each poll re-reads (ms), so a note whose tagging time was taken just before
+    /// a poll but committed just after it is not missed.
+    pub overlap_ms: i64,
+    /// TLS to an `https://` upstream: `ca_file`, and `cert_file` + `key_file` for mutual TLS.
+    pub tls: ClientTls,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            upstream: String::new(),
+            poll_secs: 5,
+            overlap_ms: 10_000,
+            tls: ClientTls::default(),
+        }
+    }
+}
+
+impl ReplicaConfig {
+    /// Whether this server is a read replica.
+    pub fn enabled(&self) -> bool {
+        !self.upstream.trim().is_empty()
+    }
+}
 
 /// The primary's FeatureService, with the bearer token from `TAGLLM_AUTH_TOKEN` when set.
 type Upstream = pb::feature_service_client::FeatureServiceClient<

@@ -14,6 +14,14 @@ use sha2::{Digest, Sha256};
 
 use error::{Error, Result};
 
+/// Whether `key` is a valid category or dimension key: `^[a-z][a-z0-9_]{0,31}$`.
+pub fn is_valid_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && key.len() <= 32
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
 /// A validated note id: 1..=`max_note_id_bytes` bytes, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NoteId(String);

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path};
 
 use serde::Deserialize;
 
-use crate::domain::normalize;
+use crate::domain::{is_valid_key, normalize};
 
 /// A handbook that loaded and validated.
 #[derive(Debug, Clone)]
@@ -101,14 +101,6 @@ pub const MAX_EXAMPLES: usize = 8;
 pub const MAX_EXAMPLE_CHARS: usize = 24;
 /// Longest description (characters).
 pub const MAX_DESCRIPTION_CHARS: usize = 200;
-
-/// Whether `key` is a valid category or dimension key: `^[a-z][a-z0-9_]{0,31}$`.
-pub fn is_valid_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    matches!(chars.next(), Some('a'..='z'))
-        && key.len() <= 32
-        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-}
 
 impl Handbook {
     /// Loads and validates a handbook file.

@@ -6,7 +6,6 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use tokio::sync::oneshot;
 
 use crate::{
-    config::{Decoding, ModelConfig},
     domain::error::{Error, Result},
     domain::{now_ms, ImageRef, Limits, Note, Versions},
     model::{
@@ -79,6 +78,27 @@ pub struct TagOutcome {
     pub warnings: Vec<String>,
 }
 
+/// How tags are decoded.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decoding {
+    /// Greedy under the category's grammar (handbook keys only, bounded counts and lengths) with
+    /// no repeated values: every answer parses.
+    Constrained,
+    /// Greedy, free; the lenient parser keeps what it can. For comparison and debugging.
+    Unconstrained,
+}
+
+impl Decoding {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decoding::Constrained => "constrained",
+            Decoding::Unconstrained => "unconstrained",
+        }
+    }
+}
+
 /// Tags notes with the engine, guided by the handbook.
 #[derive(Clone)]
 pub struct Tagger {
@@ -107,7 +127,8 @@ impl Tagger {
         handbook: Arc<Handbook>,
         engine: EngineHandle,
         limits: Limits,
-        model: &ModelConfig,
+        decoding: Decoding,
+        max_new_tokens: usize,
     ) -> Tagger {
         let grammars = std::iter::once(&handbook.fallback)
             .chain(&handbook.categories)
@@ -117,8 +138,8 @@ impl Tagger {
             handbook,
             engine,
             limits,
-            max_new_tokens: model.max_new_tokens,
-            decoding: model.decoding,
+            max_new_tokens,
+            decoding,
             grammars: Arc::new(grammars),
         }
     }
