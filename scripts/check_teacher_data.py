@@ -8,7 +8,7 @@ Each line is one note with the teacher's three CoT steps (format: datasets/disti
    "teacher": {"about": str,
                "candidates": {dim: [{"value": str, "evidence": str}, ...]},
                "tags": {dim: [str, ...]}}}
-The rules mirror what the server enforces on a model's answer (src/tags.rs, src/config.rs limits):
+The rules mirror what the server enforces on a model's answer (src/tagging/tags.rs, src/domain/limits.rs):
 dimension keys of the note's category (aliases resolve; unknown categories use the fallback), at most
 3 tags per dimension, 24 tags per note, 24 characters per tag, no tag repeated within a dimension
 after normalization, and every final tag drawn from the step-2 candidates of its dimension.
