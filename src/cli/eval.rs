@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use tagllm::{
     config::Config,
-    domain::{Note, RawNote, Tag},
+    domain::{normalize, Note, RawNote, Tag},
     server,
     tagging::tagger::{Decoding, TagRun, Tagger},
     training::distill::{reference_tags, TeacherSteps},
@@ -98,6 +98,66 @@ struct Quality {
     all: Score,
     by_category: BTreeMap<String, Score>,
     by_dimension: BTreeMap<String, Score>,
+    grounding: Grounding,
+}
+
+/// Whether the tags stay within what the note says, on notes with reference tags. A student can
+/// score recall while inventing; these count the inventions the issue tracker found.
+#[derive(Default)]
+struct Grounding {
+    /// Notes of a category with a price dimension whose reference has no price tag (the note
+    /// states no price), and those of them given a price tag anyway.
+    no_price: u32,
+    priced_anyway: u32,
+    /// Notes whose reference has at most one tag (near-empty or off-topic notes), the tags
+    /// predicted for them, and those of them given more than one.
+    sparse: u32,
+    sparse_tags: u32,
+    sparse_over_one: u32,
+    /// Predicted tags with a Chinese character the note does not contain, and the same count
+    /// for the reference tags (the teacher's own rate, as a yardstick).
+    unsupported: u32,
+    tags: u32,
+    ref_unsupported: u32,
+    ref_tags: u32,
+}
+
+/// The price dimension's key in the handbook.
+const PRICE: &str = "price_band";
+
+/// Whether `c` is a CJK ideograph (the characters a garbled Chinese value invents).
+fn is_han(c: char) -> bool {
+    matches!(c as u32, 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0x20000..=0x2FFFF)
+}
+
+/// Whether `value` has a Chinese character that `text` (normalized) does not contain.
+fn has_unsupported_han(value: &str, text: &str) -> bool {
+    value.chars().any(|c| is_han(c) && !text.contains(c))
+}
+
+impl Grounding {
+    fn add(&mut self, note: &Note, has_price_dim: bool, pred: &[Tag], reference: &[Tag]) {
+        let text = normalize(&format!("{} {}", note.title, note.body));
+        if has_price_dim && !reference.iter().any(|t| t.dimension == PRICE) {
+            self.no_price += 1;
+            self.priced_anyway += pred.iter().any(|t| t.dimension == PRICE) as u32;
+        }
+        if reference.len() <= 1 {
+            self.sparse += 1;
+            self.sparse_tags += pred.len() as u32;
+            self.sparse_over_one += (pred.len() > 1) as u32;
+        }
+        self.tags += pred.len() as u32;
+        self.unsupported += pred
+            .iter()
+            .filter(|t| has_unsupported_han(&t.value, &text))
+            .count() as u32;
+        self.ref_tags += reference.len() as u32;
+        self.ref_unsupported += reference
+            .iter()
+            .filter(|t| has_unsupported_han(&t.value, &text))
+            .count() as u32;
+    }
 }
 
 impl Quality {
@@ -302,6 +362,8 @@ async fn evaluate(
                 let category = handbook.resolve(&note.category);
                 let record_tags = reference_tags(reference, category);
                 q.add(&category.key, score_note(&p.tags, &record_tags));
+                let has_price = category.dimensions.iter().any(|d| d.key == PRICE);
+                q.grounding.add(note, has_price, &p.tags, &record_tags);
             }
             t.notes += 1;
             t.well_formed += p.well_formed as u32;
@@ -405,6 +467,74 @@ async fn evaluate(
             &format!("{mode}: by dimension"),
             q.by_dimension.iter().map(|(k, v)| (k.as_str(), v)),
         );
+        let g = &q.grounding;
+        println!("\n{mode}: grounding\n");
+        println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | tags with a Chinese character the note lacks (reference) |");
+        println!("| --- | --- | --- |");
+        println!(
+            "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
+            g.priced_anyway,
+            g.no_price,
+            pct(g.priced_anyway, g.no_price),
+            g.sparse_tags as f64 / g.sparse.max(1) as f64,
+            g.sparse_over_one,
+            g.sparse,
+            g.unsupported,
+            g.tags,
+            pct(g.unsupported, g.tags),
+            g.ref_unsupported,
+            g.ref_tags,
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(dimension: &str, value: &str) -> Tag {
+        Tag {
+            dimension: dimension.into(),
+            value: value.into(),
+            score: 1.0,
+        }
+    }
+
+    fn note(title: &str, body: &str) -> Note {
+        RawNote {
+            note_id: "n".into(),
+            category: "sneakers".into(),
+            title: title.into(),
+            body: body.into(),
+            ..Default::default()
+        }
+        .validate(&tagllm::domain::Limits::default())
+        .unwrap()
+    }
+
+    #[test]
+    fn grounding_counts_prices_sparse_notes_and_invented_characters() {
+        let mut g = Grounding::default();
+        // No price stated, one given; the reference is sparse, the prediction is not; 鞋 is in the
+        // note, 耐 is not.
+        let n = note("🥰", "新鞋 #aj1");
+        let pred = [
+            tag(PRICE, "¥500-1000"),
+            tag("series", "耐克鞋"),
+            tag("series", "aj1"),
+        ];
+        g.add(&n, true, &pred, &[tag("series", "aj1")]);
+        // A price stated and tagged; nothing invented.
+        let n = note("Dunk Low", "799入手，脚感一般");
+        let both = [tag(PRICE, "¥500-1000"), tag("wearing_feel", "脚感一般")];
+        g.add(&n, true, &both, &both);
+        assert_eq!((g.priced_anyway, g.no_price), (1, 1));
+        assert_eq!((g.sparse, g.sparse_tags, g.sparse_over_one), (1, 3, 1));
+        assert_eq!((g.unsupported, g.tags), (1, 5));
+        assert_eq!((g.ref_unsupported, g.ref_tags), (0, 3));
+        // Latin, digits and symbols never count: canonical brand spellings are not inventions.
+        assert!(!has_unsupported_han("Nike ¥0-50", "耐克"));
+        assert!(has_unsupported_han("始祖鸟", "Arc'teryx 始祖"));
+    }
 }
