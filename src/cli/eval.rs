@@ -114,8 +114,9 @@ struct Grounding {
     sparse: u32,
     sparse_tags: u32,
     sparse_over_one: u32,
-    /// Predicted tags with a Chinese character the note does not contain, and the same count
-    /// for the reference tags (the teacher's own rate, as a yardstick).
+    /// Predicted tags of the extractive dimensions ([`EXTRACTIVE`]) with a Chinese character
+    /// the note does not contain, and the same count for the reference tags (the teacher's own
+    /// rate, as a yardstick).
     unsupported: u32,
     tags: u32,
     ref_unsupported: u32,
@@ -124,6 +125,21 @@ struct Grounding {
 
 /// The price dimension's key in the handbook.
 const PRICE: &str = "price_band";
+
+/// Dimensions whose values name what the note names (a brand, a model, a dish, a place), so a
+/// Chinese character the note lacks is an invention. Open-ended dimensions (scene, style, ...)
+/// rightly use words of their own.
+const EXTRACTIVE: &[&str] = &[
+    "brand",
+    "series",
+    "colorway",
+    "shade",
+    "dial",
+    "dish",
+    "poi",
+    "location",
+    "destination",
+];
 
 /// Whether `c` is a CJK ideograph (the characters a garbled Chinese value invents).
 fn is_han(c: char) -> bool {
@@ -147,16 +163,23 @@ impl Grounding {
             self.sparse_tags += pred.len() as u32;
             self.sparse_over_one += (pred.len() > 1) as u32;
         }
-        self.tags += pred.len() as u32;
-        self.unsupported += pred
-            .iter()
-            .filter(|t| has_unsupported_han(&t.value, &text))
-            .count() as u32;
-        self.ref_tags += reference.len() as u32;
-        self.ref_unsupported += reference
-            .iter()
-            .filter(|t| has_unsupported_han(&t.value, &text))
-            .count() as u32;
+        let extractive = |tags: &[Tag]| -> (u32, u32) {
+            let named: Vec<&Tag> = tags
+                .iter()
+                .filter(|t| EXTRACTIVE.contains(&t.dimension.as_str()))
+                .collect();
+            let invented = named
+                .iter()
+                .filter(|t| has_unsupported_han(&t.value, &text))
+                .count();
+            (named.len() as u32, invented as u32)
+        };
+        let (n, bad) = extractive(pred);
+        self.tags += n;
+        self.unsupported += bad;
+        let (n, bad) = extractive(reference);
+        self.ref_tags += n;
+        self.ref_unsupported += bad;
     }
 }
 
@@ -469,7 +492,7 @@ async fn evaluate(
         );
         let g = &q.grounding;
         println!("\n{mode}: grounding\n");
-        println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | tags with a Chinese character the note lacks (reference) |");
+        println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | brand/model/place/dish tags with a Chinese character the note lacks (reference) |");
         println!("| --- | --- | --- |");
         println!(
             "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
@@ -531,8 +554,9 @@ mod tests {
         g.add(&n, true, &both, &both);
         assert_eq!((g.priced_anyway, g.no_price), (1, 1));
         assert_eq!((g.sparse, g.sparse_tags, g.sparse_over_one), (1, 3, 1));
-        assert_eq!((g.unsupported, g.tags), (1, 5));
-        assert_eq!((g.ref_unsupported, g.ref_tags), (0, 3));
+        // Only the extractive dimensions count: series here, not price or wearing feel.
+        assert_eq!((g.unsupported, g.tags), (1, 2));
+        assert_eq!((g.ref_unsupported, g.ref_tags), (0, 1));
         // Latin, digits and symbols never count: canonical brand spellings are not inventions.
         assert!(!has_unsupported_han("Nike ¥0-50", "耐克"));
         assert!(has_unsupported_han("始祖鸟", "Arc'teryx 始祖"));
