@@ -298,10 +298,11 @@ fn read_items(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Item>> {
 /// Arguments of `tagllm eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Notes, one JSON object per line, or a directory of such files (extra fields such as
-    /// `injection` are read for the report; teacher records, the `datasets/distill` format, are
-    /// also scored against their tags: precision, recall and F1).
-    pub notes: PathBuf,
+    /// Notes, one JSON object per line: files, or directories of such files (extra fields such
+    /// as `injection` are read for the report; teacher records, the `datasets/distill` format,
+    /// are also scored against their tags: precision, recall and F1).
+    #[arg(required = true, num_args = 1..)]
+    pub notes: Vec<PathBuf>,
     /// Decoding modes to compare.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["constrained".to_string(), "unconstrained".to_string()])]
     pub decoding: Vec<String>,
@@ -318,15 +319,19 @@ pub fn run(args: EvalArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     rt.block_on(evaluate(cfg, args.notes, args.decoding, args.verbose))
 }
 
-/// Runs the evaluation and prints a Markdown report. `path` is a JSONL file or a directory of
+/// Runs the evaluation and prints a Markdown report. `paths` are JSONL files or directories of
 /// them; lines in the teacher-record format (`datasets/distill`) are also scored against their tags.
 async fn evaluate(
     cfg: Config,
-    path: PathBuf,
+    paths: Vec<PathBuf>,
     modes: Vec<String>,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let items = Arc::new(read_items(&path, &cfg)?);
+    let mut items = Vec::new();
+    for path in &paths {
+        items.extend(read_items(path, &cfg)?);
+    }
+    let items = Arc::new(items);
     let (handbook, _schema) = server::load_guidance(&cfg)?;
     let (engine, _thread) = server::start_engine(&cfg)?;
     let info = engine.wait_ready().await.map_err(anyhow::Error::msg)?;
@@ -335,7 +340,11 @@ async fn evaluate(
         "model {}, {} notes from {} ({scored} with reference tags)\n",
         info.version,
         items.len(),
-        path.display()
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     // Notes run concurrently so the engine can batch them; results are read back in input order.
     let window = cfg
