@@ -15,7 +15,7 @@ use tagllm::{
     domain::{normalize, Note, RawNote, Tag},
     server,
     tagging::tagger::{Decoding, TagRun, Tagger},
-    training::distill::{reference_tags, TeacherSteps},
+    training::distill::{read_records, reference_tags, TeacherSteps},
 };
 
 use super::CommonArgs;
@@ -210,6 +210,52 @@ fn print_scores<'a>(title: &str, rows: impl Iterator<Item = (&'a str, &'a Score)
     }
 }
 
+/// `a` of `b`, in percent (0 when `b` is 0).
+fn pct(a: u32, b: u32) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
+}
+
+/// Prints the scores against the reference and the grounding counts of one mode.
+fn print_quality(mode: &str, q: &Quality) {
+    if q.notes == 0 {
+        return;
+    }
+    print_scores(
+        &format!(
+            "{mode}: tags against the reference ({} notes; % exact after normalization, lenient = containment)",
+            q.notes
+        ),
+        std::iter::once(("all", &q.all))
+            .chain(q.by_category.iter().map(|(k, v)| (k.as_str(), v))),
+    );
+    print_scores(
+        &format!("{mode}: by dimension"),
+        q.by_dimension.iter().map(|(k, v)| (k.as_str(), v)),
+    );
+    let g = &q.grounding;
+    println!("\n{mode}: grounding\n");
+    println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | brand/model/place/dish tags with a Chinese character the note lacks (reference) |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
+        g.priced_anyway,
+        g.no_price,
+        pct(g.priced_anyway, g.no_price),
+        g.sparse_tags as f64 / g.sparse.max(1) as f64,
+        g.sparse_over_one,
+        g.sparse,
+        g.unsupported,
+        g.tags,
+        pct(g.unsupported, g.tags),
+        g.ref_unsupported,
+        g.ref_tags,
+    );
+}
+
 /// Whether two normalized values of one dimension match leniently: one contains the other once
 /// spaces are removed ("air jordan 1" and "aj1" do not; "dunk low" and "nike dunk low" do).
 fn lenient_match(a: &str, b: &str) -> bool {
@@ -309,6 +355,11 @@ pub struct EvalArgs {
     /// Print one JSON line per note too.
     #[arg(long)]
     pub verbose: bool,
+    /// Score these teacher records (files or directories, matched by note id) against the notes'
+    /// reference tags instead of running the model: a second teacher's annotation of the same
+    /// notes gives the teacher-vs-teacher agreement, the ceiling a student can reach.
+    #[arg(long, num_args = 1..)]
+    pub against: Vec<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -316,7 +367,49 @@ pub struct EvalArgs {
 /// Runs the evaluation.
 pub fn run(args: EvalArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let cfg = args.common.config(|_| {})?;
+    if !args.against.is_empty() {
+        return agreement(&cfg, &args.notes, &args.against);
+    }
     rt.block_on(evaluate(cfg, args.notes, args.decoding, args.verbose))
+}
+
+/// Scores the tags of the `against` records as predictions for the notes of `paths` (their
+/// teacher records), with the same scores and grounding counts a model gets.
+fn agreement(cfg: &Config, paths: &[PathBuf], against: &[PathBuf]) -> anyhow::Result<()> {
+    let (handbook, _schema) = server::load_guidance(cfg)?;
+    let others: BTreeMap<String, BTreeMap<String, Vec<String>>> = read_records(against)?
+        .into_iter()
+        .map(|r| (r.note_id, r.teacher.tags))
+        .collect();
+    let mut q = Quality::default();
+    let mut missing = Vec::new();
+    for path in paths {
+        for item in read_items(path, cfg)? {
+            let Some(reference) = &item.reference else {
+                continue;
+            };
+            let Some(other) = others.get(item.note.id.as_str()) else {
+                missing.push(item.note.id.as_str().to_string());
+                continue;
+            };
+            let category = handbook.resolve(&item.note.category);
+            let (pred, reference) = (
+                reference_tags(other, category),
+                reference_tags(reference, category),
+            );
+            q.add(&category.key, score_note(&pred, &reference));
+            let has_price = category.dimensions.iter().any(|d| d.key == PRICE);
+            q.grounding.add(&item.note, has_price, &pred, &reference);
+        }
+    }
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} notes have no record to compare, e.g. {}",
+        missing.len(),
+        missing[..missing.len().min(5)].join(", ")
+    );
+    print_quality("agreement", &q);
+    Ok(())
 }
 
 /// Runs the evaluation and prints a Markdown report. `paths` are JSONL files or directories of
@@ -445,13 +538,6 @@ async fn evaluate(
         report.push((mode.clone(), t));
         quality.push((mode.clone(), q));
     }
-    let pct = |a: u32, b: u32| {
-        if b == 0 {
-            0.0
-        } else {
-            100.0 * a as f64 / b as f64
-        }
-    };
     println!("| decoding | parses | only handbook keys | within limits | notes with tags | tags/note | redundancy | injected tag | prefill tok/s | decode tok/s | constraint µs/token |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (mode, t) in &report {
@@ -484,39 +570,7 @@ async fn evaluate(
         }
     }
     for (mode, q) in &quality {
-        if q.notes == 0 {
-            continue;
-        }
-        print_scores(
-            &format!(
-                "{mode}: tags against the reference ({} notes; % exact after normalization, lenient = containment)",
-                q.notes
-            ),
-            std::iter::once(("all", &q.all))
-                .chain(q.by_category.iter().map(|(k, v)| (k.as_str(), v))),
-        );
-        print_scores(
-            &format!("{mode}: by dimension"),
-            q.by_dimension.iter().map(|(k, v)| (k.as_str(), v)),
-        );
-        let g = &q.grounding;
-        println!("\n{mode}: grounding\n");
-        println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | brand/model/place/dish tags with a Chinese character the note lacks (reference) |");
-        println!("| --- | --- | --- |");
-        println!(
-            "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
-            g.priced_anyway,
-            g.no_price,
-            pct(g.priced_anyway, g.no_price),
-            g.sparse_tags as f64 / g.sparse.max(1) as f64,
-            g.sparse_over_one,
-            g.sparse,
-            g.unsupported,
-            g.tags,
-            pct(g.unsupported, g.tags),
-            g.ref_unsupported,
-            g.ref_tags,
-        );
+        print_quality(mode, q);
     }
     Ok(())
 }
