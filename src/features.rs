@@ -328,25 +328,36 @@ fn load_vocab(path: &Path) -> Result<(HashMap<String, i64>, u64), (String, Strin
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| (name.clone(), e.to_string()))?;
     let mut index = HashMap::new();
+    // One id per line: a canonical value, then optionally its aliases after ` | ` (other
+    // spellings of the same thing, such as 耐克 for Nike), which get the line's id.
+    let mut lines = 0i64;
     for (lineno, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        let v = normalize(t);
-        let id = index.len() as i64;
-        if index.insert(v.clone(), id).is_some() {
-            return Err((
-                format!("{name} line {}", lineno + 1),
-                format!("{t:?} normalizes to {v:?}, which an earlier line already has"),
-            ));
+        let id = lines;
+        lines += 1;
+        for value in t.split('|').map(str::trim) {
+            let v = normalize(value);
+            if v.is_empty() {
+                return Err((
+                    format!("{name} line {}", lineno + 1),
+                    format!("{t:?} has an empty value"),
+                ));
+            }
+            if index.insert(v.clone(), id).is_some() {
+                return Err((
+                    format!("{name} line {}", lineno + 1),
+                    format!("{value:?} normalizes to {v:?}, which an earlier value already has"),
+                ));
+            }
         }
     }
     if index.is_empty() {
         return Err((name, "vocabulary is empty".into()));
     }
-    let n = index.len() as u64;
-    Ok((index, n))
+    Ok((index, lines as u64))
 }
 
 #[cfg(test)]
@@ -443,6 +454,31 @@ mod tests {
             Some(33)
         );
         assert_eq!(stable_hash("scene", "通勤"), 7340465014993863816);
+    }
+
+    #[test]
+    fn vocab_aliases_share_their_line_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("v.txt");
+        std::fs::write(
+            &v,
+            "# brands\nNike | 耐克 | ＮＩＫＥ  SPORTS\n\nadidas|阿迪达斯\nASICS\n",
+        )
+        .unwrap();
+        let (index, size) = load_vocab(&v).unwrap();
+        assert_eq!(size, 3, "one id per line, aliases included");
+        assert_eq!(index[&normalize("耐克")], 0);
+        assert_eq!(index[&normalize("nike sports")], 0);
+        assert_eq!(index[&normalize("阿迪达斯")], 1);
+        assert_eq!(index[&normalize("asics")], 2);
+        std::fs::write(&v, "Nike | 耐克\nadidas | 耐克\n").unwrap();
+        let (place, reason) = load_vocab(&v).unwrap_err();
+        assert!(
+            place.ends_with("line 2") && reason.contains("耐克"),
+            "{place}: {reason}"
+        );
+        std::fs::write(&v, "Nike | \n").unwrap();
+        assert!(load_vocab(&v).unwrap_err().1.contains("empty value"));
     }
 
     #[test]
