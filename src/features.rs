@@ -447,7 +447,9 @@ mod tests {
         let price = &s.groups[s.group_index("price_band").unwrap()];
         assert_eq!(brand.id("brand", &normalize("Nike")), Some(0));
         assert_eq!(brand.id("brand", &normalize("ＡＩＲ  Jordan")), Some(1));
-        assert_eq!(brand.id("brand", &normalize("耐克")), Some(273));
+        // An alias gets its line's id; a brand in no line gets an out-of-vocabulary id.
+        assert_eq!(brand.id("brand", &normalize("耐克")), Some(0));
+        assert_eq!(brand.id("brand", &normalize("无名小牌")), Some(275 + 56));
         assert_eq!(price.id("price_band", &normalize("¥500-1000")), Some(5));
         assert_eq!(
             price.id("price_band", &normalize("about 600 yuan")),
