@@ -255,23 +255,11 @@ impl Role {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let mut states = follower.watch();
-        let h = health.clone();
+        let states = follower.watch();
         let follow_task = Some(tokio::spawn(follower.run()));
-        let background = tokio::spawn(async move {
-            loop {
-                let status = match &*states.borrow_and_update() {
-                    ReplicaState::Following => ServingStatus::Serving,
-                    ReplicaState::CatchingUp | ReplicaState::Mismatched(_) => {
-                        ServingStatus::NotServing
-                    }
-                };
-                h.set_service_status(FEATURE_SERVICE, status).await;
-                h.set_service_status("", status).await;
-                if states.changed().await.is_err() {
-                    break;
-                }
-            }
+        let background = drive_health(health, FEATURE_SERVICE, states, |state| match state {
+            ReplicaState::Following => ServingStatus::Serving,
+            ReplicaState::CatchingUp | ReplicaState::Mismatched(_) => ServingStatus::NotServing,
         });
         Role {
             tagger: None,
@@ -313,29 +301,21 @@ impl Role {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let mut states = engine.watch();
-        let h = health.clone();
-        let background = tokio::spawn(async move {
-            loop {
-                let status = match &*states.borrow_and_update() {
-                    EngineState::Ready(_) => ServingStatus::Serving,
-                    EngineState::Failed(e) => {
-                        tracing::error!(error = %e, "tagging unavailable");
-                        ServingStatus::NotServing
-                    }
-                    EngineState::Loading => ServingStatus::NotServing,
-                };
-                metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
-                    1.0
-                } else {
-                    0.0
-                });
-                h.set_service_status(TAG_SERVICE, status).await;
-                h.set_service_status("", status).await;
-                if states.changed().await.is_err() {
-                    break;
+        let background = drive_health(health, TAG_SERVICE, engine.watch(), |state| {
+            let status = match state {
+                EngineState::Ready(_) => ServingStatus::Serving,
+                EngineState::Failed(e) => {
+                    tracing::error!(error = %e, "tagging unavailable");
+                    ServingStatus::NotServing
                 }
-            }
+                EngineState::Loading => ServingStatus::NotServing,
+            };
+            metrics::gauge!("tagllm_model_ready").set(if status == ServingStatus::Serving {
+                1.0
+            } else {
+                0.0
+            });
+            status
         });
         Ok(Role {
             tagger: Some(tagger),
@@ -370,6 +350,27 @@ impl Role {
             }
         }
     }
+}
+
+/// A task that sets `service` and the whole server (`""`) to the status `status_of` gives each
+/// state `states` takes, from the current one on, until the sender is gone.
+fn drive_health<S: Send + Sync + 'static>(
+    health: &HealthReporter,
+    service: &'static str,
+    mut states: tokio::sync::watch::Receiver<S>,
+    status_of: impl Fn(&S) -> ServingStatus + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let h = health.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = status_of(&states.borrow_and_update());
+            h.set_service_status(service, status).await;
+            h.set_service_status("", status).await;
+            if states.changed().await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// Says how the listener is protected, and warns where it is not.

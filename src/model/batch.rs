@@ -285,8 +285,7 @@ fn llama_prefill(
             });
         }
         cache.reset();
-        let chunked =
-            shared >= prefix::PrefixCache::<PrefixState>::MIN_TOKENS && shared < ids.len();
+        let chunked = prefix::is_chunk(shared, ids.len());
         let mut hit = 0;
         if chunked {
             let head = &ids[..shared];

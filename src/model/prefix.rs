@@ -28,6 +28,14 @@ pub struct PrefixCache<T> {
     pub hit_tokens: u64,
 }
 
+/// Whether a prompt of `len` tokens whose first `shared_prefix` other prompts share computes that
+/// prefix as a chunk of its own (and so can take it from, or add it to, the cache): the prefix is
+/// at least [`PrefixCache::MIN_TOKENS`] long and short of the whole prompt. The prefill and the
+/// scheduler's budget both follow this one rule.
+pub fn is_chunk(shared_prefix: usize, len: usize) -> bool {
+    shared_prefix >= PrefixCache::<()>::MIN_TOKENS && shared_prefix < len
+}
+
 impl<T> PrefixCache<T> {
     /// Shortest prefix worth its own chunk and entry.
     pub const MIN_TOKENS: usize = 64;

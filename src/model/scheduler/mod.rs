@@ -26,8 +26,7 @@ use tokio::sync::mpsc;
 use super::{
     batch::{Prefilled, PromptInput},
     engine::{reply, EngineStats, Job, JobOutput},
-    prefix::PrefixCache,
-    GenParams, Generation, ModelError, Sequence, TextModel,
+    prefix, GenParams, Generation, ModelError, Sequence, TextModel,
 };
 
 /// A job's prompt, encoded by the model.
@@ -174,8 +173,7 @@ impl Admitted {
 
     /// Whether its shared prefix is a chunk of its own (the prefix cache's rule).
     fn chunked(&self) -> bool {
-        self.prompt.shared_prefix >= PrefixCache::<()>::MIN_TOKENS
-            && self.prompt.shared_prefix < self.prompt.ids.len()
+        prefix::is_chunk(self.prompt.shared_prefix, self.prompt.ids.len())
     }
 
     fn output(&self, generation: Generation) -> JobOutput {

@@ -90,8 +90,7 @@ impl BatchModel for Fake {
         let mut out = Vec::new();
         for p in prompts {
             let head = &p.ids[..p.shared_prefix];
-            let chunked =
-                p.shared_prefix >= PrefixCache::<()>::MIN_TOKENS && p.shared_prefix < p.ids.len();
+            let chunked = prefix::is_chunk(p.shared_prefix, p.ids.len());
             let hit = chunked && !self.cached.insert(head.to_vec());
             let computed = p.ids.len() - if hit { p.shared_prefix } else { 0 };
             call.push((text(p.ids), computed));
@@ -257,7 +256,7 @@ fn the_prefill_budget_holds_and_nobody_overtakes() {
 
 #[test]
 fn a_shared_prefix_computed_once_is_free_in_the_budget() {
-    let head = "h".repeat(PrefixCache::<()>::MIN_TOKENS);
+    let head = "h".repeat(prefix::PrefixCache::<()>::MIN_TOKENS);
     let note =
         |tail: &str| Message::new("user", format!("{head}{tail}")).with_shared_head(head.len());
     // Budget: one full prompt plus two tails. The second prompt's head is computed by the
