@@ -13,7 +13,9 @@
 //! PATH or synth:N (an N x N synthetic image on every note; none by default), --max-new-tokens N
 //! (config default), --decoding constrained|unconstrained (constrained), --requantize
 //! none|q8_0 (q8_0), --max-batch N (config default), --prefix-cache N (entries; config default),
-//! --out DIR (target/bench).
+//! --prompt full|compact|auto (auto), --adapter DIR|auto|none (auto), --notes-from FILE|DIR (JSONL
+//! notes instead of the fixtures; teacher records work) with --lang zh|en|mixed and --chars LO-HI
+//! (title + body) to pick some, --out DIR (target/bench).
 //!
 //! It also writes the prompts the server saw, for the peers to run the same ones in the same run:
 //! for a GGUF, `DIR/prompts.json` with token ids (`scripts/bench_llamacpp.py`); for a checkpoint
@@ -51,6 +53,11 @@ struct Args {
     requantize: Requantize,
     max_batch: Option<usize>,
     prefix_cache: Option<usize>,
+    prompt: Option<String>,
+    adapter: Option<String>,
+    notes_from: Option<PathBuf>,
+    lang: Option<String>,
+    chars: Option<(usize, usize)>,
     out: PathBuf,
 }
 
@@ -68,6 +75,11 @@ fn parse_args() -> Args {
         requantize: Requantize::Q8_0,
         max_batch: None,
         prefix_cache: None,
+        prompt: None,
+        adapter: None,
+        notes_from: None,
+        lang: None,
+        chars: None,
         out: root().join("target/bench"),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -105,6 +117,15 @@ fn parse_args() -> Args {
             }
             "--max-batch" => a.max_batch = Some(n()),
             "--prefix-cache" => a.prefix_cache = Some(n()),
+            "--prompt" => a.prompt = Some(s()),
+            "--adapter" => a.adapter = Some(s()),
+            "--notes-from" => a.notes_from = Some(s().into()),
+            "--lang" => a.lang = Some(s()),
+            "--chars" => {
+                let v = s();
+                let (lo, hi) = v.split_once('-').expect("--chars LO-HI");
+                a.chars = Some((lo.parse().unwrap(), hi.parse().unwrap()));
+            }
             "--out" => a.out = s().into(),
             _ => {
                 i += 1; // cargo passes --bench; ignore unknown flags
@@ -122,6 +143,52 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Up to `k` notes of the JSONL files at `path` (a file or a directory of them; teacher records
+/// work), in file order, of language `lang` and `chars` characters of title and body.
+fn file_notes(
+    path: &Path,
+    k: usize,
+    lang: Option<&str>,
+    chars: Option<(usize, usize)>,
+) -> Vec<pb::Note> {
+    let mut files = if path.is_dir() {
+        std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        for line in std::fs::read_to_string(&f).unwrap().lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            let n = text("title").chars().count() + text("body").chars().count();
+            if lang.is_some_and(|l| v["lang"].as_str() != Some(l))
+                || chars.is_some_and(|(lo, hi)| n < lo || n > hi)
+            {
+                continue;
+            }
+            out.push(pb::Note {
+                note_id: text("note_id"),
+                category: text("category"),
+                title: text("title"),
+                body: text("body"),
+                images: vec![],
+                updated_at_ms: 0,
+            });
+        }
+    }
+    assert!(!out.is_empty(), "no note of {} matches", path.display());
+    out.truncate(k.max(1));
+    out
 }
 
 /// Up to `k` fixture notes, English and Chinese alternating across categories.
@@ -188,7 +255,13 @@ fn dump_prompts(
         .unwrap();
         let cat = handbook.resolve(&note.category);
         (
-            prompt::messages(&note, cat, &cfg.limits, images.len()),
+            prompt::messages(
+                &note,
+                cat,
+                &cfg.limits,
+                images.len(),
+                cfg.model.prompt_style().unwrap(),
+            ),
             prompt::assistant_prefix(cat),
         )
     };
@@ -296,6 +369,12 @@ fn main() {
     if let Some(n) = args.prefix_cache {
         cfg.model.prefix_cache_entries = n;
     }
+    if let Some(p) = &args.prompt {
+        cfg.model.prompt = p.clone();
+    }
+    if let Some(a) = &args.adapter {
+        cfg.model.adapter = a.clone();
+    }
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(1);
     cfg.model.queue_capacity = cfg.model.queue_capacity.max(2 * max_conc);
     // The metrics layer and endpoint run as in production, on a free port.
@@ -308,7 +387,15 @@ fn main() {
         .map(|s| note_image(s, &args.out))
         .collect();
     let image_bytes: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    let mut notes = fixture_notes(args.notes);
+    let mut notes = match &args.notes_from {
+        Some(p) => file_notes(
+            &root().join(p),
+            args.notes,
+            args.lang.as_deref(),
+            args.chars,
+        ),
+        None => fixture_notes(args.notes),
+    };
     for n in &mut notes {
         n.images = image_bytes
             .iter()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The default model's generation speed against llama.cpp, in one run: our batched llama decoder
-# (benches/qwen3vl.rs, GGUF mode: Q4_1 re-quantized to Q8_0 as the server does) and llama.cpp
+# A GGUF base's generation speed against llama.cpp (default: the default model; GGUF=path for
+# another, e.g. GGUF=models/qwen2/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf), in one run: our batched llama decoder
+# (benches/qwen3vl.rs, GGUF mode: re-quantized to Q8_0 as the server does) and llama.cpp
 # (llama-cpp-python, scripts/bench_llamacpp.py) on the same GGUF file and the same prompt ids,
 # PROMPT tokens (290), NEW tokens (64), THREADS threads (2), RUNS timed runs (6). Then our
 # aggregate decode at batch 4 and 16 (what the engine does with concurrent notes).
@@ -12,11 +13,15 @@ PROMPT=${PROMPT:-290}
 NEW=${NEW:-64}
 THREADS=${THREADS:-2}
 RUNS=${RUNS:-6}
-GGUF=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF=${GGUF:-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 "$PY" -c 'import llama_cpp' 2>/dev/null ||
   { echo "$PY has no llama_cpp: set LLAMA_PYTHON (scripts/test-deps.sh makes target/test-venv)" >&2; exit 2; }
 mkdir -p target/bench
-./models/fetch_default_model.sh >/dev/null
+case "$GGUF" in
+  models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) ./models/fetch_default_model.sh >/dev/null ;;
+  models/qwen2/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf) ./models/fetch_model.sh qwen2.5-coder-0.5b >/dev/null ;;
+esac
+[ -f "$GGUF" ] || { echo "no $GGUF" >&2; exit 2; }
 cargo build --release --bench qwen3vl --quiet
 BIN=$(ls -t target/release/deps/qwen3vl-* | grep -v '\.d$' | head -1)
 for b in 1 4 16; do

@@ -29,7 +29,13 @@ Pinned version: llama-cpp-python 0.3.16 (the version the committed fixtures were
 the script warns if another version is installed and records the version used).
 
 Options: --model PATH (default models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf),
---fixtures DIR (default tests/fixtures), --skip-tokenizer, --skip-logits.
+--fixtures DIR (default tests/fixtures), --system TEXT (the prompts' system message),
+--skip-tokenizer, --skip-logits. The corpus is always tests/fixtures/tokenizer_corpus.json.
+
+The other shipped bases (models/fetch_model.sh) have their fixtures in a folder each:
+
+    python scripts/gen_llamacpp_fixtures.py --model models/qwen2/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
+        --fixtures tests/fixtures/qwen2 --system "You are a helpful assistant."
 
 Notes:
 - In llama-cpp-python 0.3.x ``Llama.scores`` is not filled unless logits_all=True; this script
@@ -109,7 +115,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def gen_tokenizer(model_path: Path, fixtures: Path, model_sha: str) -> None:
-    corpus = json.loads((fixtures / "tokenizer_corpus.json").read_text(encoding="utf-8"))
+    corpus = json.loads((DEFAULT_FIXTURES / "tokenizer_corpus.json").read_text(encoding="utf-8"))
     assert isinstance(corpus, list) and all(isinstance(s, str) for s in corpus)
     llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     cases = []
@@ -137,7 +143,7 @@ def last_logits(llm: Llama) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
-def gen_logits(model_path: Path, fixtures: Path, model_sha: str) -> None:
+def gen_logits(model_path: Path, fixtures: Path, model_sha: str, system: str) -> None:
     llm = Llama(
         model_path=str(model_path),
         n_ctx=N_CTX,
@@ -150,7 +156,7 @@ def gen_logits(model_path: Path, fixtures: Path, model_sha: str) -> None:
     n_vocab = llm.n_vocab()
     cases = []
     for name, user in LOGIT_PROMPTS:
-        prompt = CHATML.format(system=SYSTEM_PROMPT, user=user)
+        prompt = CHATML.format(system=system, user=user)
         prompt_ids = [int(t) for t in llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)]
         llm.reset()  # n_tokens = 0; eval() then clears the KV cache from position 0
         llm.eval(prompt_ids)
@@ -197,8 +203,8 @@ def gen_logits(model_path: Path, fixtures: Path, model_sha: str) -> None:
             "n_ctx": N_CTX,
             "n_vocab": n_vocab,
             "kv_cache_type": "f16 (llama.cpp default)",
-            "system_prompt": SYSTEM_PROMPT,
-            "chat_template": CHATML.replace("{system}", SYSTEM_PROMPT),
+            "system_prompt": system,
+            "chat_template": CHATML.replace("{system}", system),
             "cases": cases,
         },
     )
@@ -209,6 +215,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
+    ap.add_argument("--system", default=SYSTEM_PROMPT, help="system message of the logit prompts")
     ap.add_argument("--skip-tokenizer", action="store_true")
     ap.add_argument("--skip-logits", action="store_true")
     args = ap.parse_args()
@@ -219,12 +226,13 @@ def main() -> int:
             f"{PINNED_VERSION}; the version used is recorded in the output",
             file=sys.stderr,
         )
+    args.fixtures.mkdir(parents=True, exist_ok=True)
     model_sha = sha256_file(args.model)
     print(f"model {args.model} sha256 {model_sha}", file=sys.stderr)
     if not args.skip_tokenizer:
         gen_tokenizer(args.model, args.fixtures, model_sha)
     if not args.skip_logits:
-        gen_logits(args.model, args.fixtures, model_sha)
+        gen_logits(args.model, args.fixtures, model_sha, args.system)
     return 0
 
 

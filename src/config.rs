@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 // Each section's type lives with the layer it configures; this module assembles them.
 use crate::{
-    client::replica::ReplicaConfig, domain::Limits, model::Requantize, tagging::tagger::Decoding,
+    client::replica::ReplicaConfig, domain::Limits, model::Requantize,
+    tagging::prompt::PromptStyle, tagging::tagger::Decoding,
 };
 
 /// The whole configuration.
@@ -145,6 +146,11 @@ pub struct ModelConfig {
     /// the model when that directory exists (the default model ships its distilled student
     /// there), `none` uses none, anything else is the adapter's directory.
     pub adapter: String,
+    /// How much of the handbook the prompt carries: `full` (every dimension's description and
+    /// examples), `compact` (the category's name; for a student distilled on it), or `auto`
+    /// (default): what the adapter was trained on, from its `tagllm.json` (`{"prompt":
+    /// "compact"}`), else `full`.
+    pub prompt: String,
     /// Weight format in memory.
     pub requantize: Requantize,
     /// `constrained` (default) or `unconstrained`.
@@ -254,6 +260,43 @@ impl ModelConfig {
     }
 }
 
+/// What an adapter directory's `tagllm.json` says of how the adapter was trained.
+#[derive(Debug, Deserialize)]
+struct AdapterMeta {
+    /// The prompt style of its training examples.
+    prompt: Option<String>,
+}
+
+impl ModelConfig {
+    /// The prompt style, resolved from [`ModelConfig::prompt`] (and the adapter's `tagllm.json`
+    /// for `auto`).
+    pub fn prompt_style(&self) -> Result<PromptStyle, String> {
+        let spelled = match self.prompt.trim() {
+            "auto" => {
+                let Some(meta) = self.adapter_dir().map(|d| d.join("tagllm.json")) else {
+                    return Ok(PromptStyle::Full);
+                };
+                let text = match std::fs::read_to_string(&meta) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(PromptStyle::Full)
+                    }
+                    Err(e) => return Err(format!("{}: {e}", meta.display())),
+                };
+                let m: AdapterMeta =
+                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", meta.display()))?;
+                match m.prompt {
+                    Some(p) => p,
+                    None => return Ok(PromptStyle::Full),
+                }
+            }
+            other => other.to_string(),
+        };
+        PromptStyle::parse(&spelled)
+            .ok_or_else(|| format!("{spelled:?} is not \"auto\", \"full\" or \"compact\""))
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
@@ -265,6 +308,7 @@ impl Default for ModelConfig {
             max_batch_tokens: 4096,
             prefix_cache_entries: 8,
             adapter: "auto".into(),
+            prompt: "auto".into(),
             requantize: Requantize::Q8_0,
             decoding: Decoding::Constrained,
             max_new_tokens: 192,
@@ -385,6 +429,9 @@ impl Config {
                     self.model.context_tokens, self.model.max_new_tokens
                 ),
             );
+        }
+        if let Err(e) = self.model.prompt_style() {
+            return bad("model.prompt", e);
         }
         if let Err(e) = self.model.parse_dtype() {
             return bad("model.dtype", e);
@@ -536,5 +583,31 @@ mod tests {
         cfg.model.path = "/nonexistent.gguf".into();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("model.path"), "{err}");
+    }
+
+    #[test]
+    fn prompt_style_follows_the_adapter_unless_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = ModelConfig {
+            adapter: dir.path().display().to_string(),
+            ..ModelConfig::default()
+        };
+        assert_eq!(m.prompt_style(), Ok(PromptStyle::Full), "no tagllm.json");
+        std::fs::write(dir.path().join("tagllm.json"), r#"{"prompt": "compact"}"#).unwrap();
+        assert_eq!(m.prompt_style(), Ok(PromptStyle::Compact));
+        m.prompt = "full".into();
+        assert_eq!(m.prompt_style(), Ok(PromptStyle::Full), "named wins");
+        m.prompt = "auto".into();
+        m.adapter = "none".into();
+        assert_eq!(m.prompt_style(), Ok(PromptStyle::Full), "no adapter");
+        m.prompt = "short".into();
+        assert!(m.prompt_style().unwrap_err().contains("\"short\""));
+        std::fs::write(dir.path().join("tagllm.json"), r#"{"prompt": "tiny"}"#).unwrap();
+        m.prompt = "auto".into();
+        m.adapter = dir.path().display().to_string();
+        assert!(
+            m.prompt_style().is_err(),
+            "a bad adapter file is an error, not a guess"
+        );
     }
 }

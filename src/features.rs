@@ -3,6 +3,10 @@
 //! `V + hash % oov_buckets`, as TensorFlow's vocabulary columns do) or by a stable hash. Multi-hot =
 //! the set of a note's ids in a group; weights carry the tag score or 1.0. Format: `models/HANDBOOK.md`.
 //!
+//! Before any id, a tag value is put in its canonical spelling when the schema's `[canonical]`
+//! synonym file for its dimension lists it (`通勤 | commute`): one thing, one id, whatever language
+//! the note (and so the tag) was written in.
+//!
 //! Ids are a pure function of (tags, schema): identical across runs, machines and releases. The
 //! hash is XXH3-64 with a pinned seed, never `std::hash`; `tests/fixtures/id_vectors.json` pins it.
 
@@ -13,7 +17,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{domain::normalize, domain::Tag};
+use crate::{
+    domain::canonical::{parse_synonyms, Canonical},
+    domain::normalize,
+    domain::Tag,
+};
 
 /// Seed of the stable tag hash. Changing it changes every hashed id: never do.
 pub const HASH_SEED: u64 = 0;
@@ -129,6 +137,9 @@ pub struct Schema {
     pub version: String,
     /// Groups in file order (the jagged layout's key order).
     pub groups: Vec<Group>,
+    /// Synonyms per dimension (`[canonical]`): tag values are put in their canonical spelling
+    /// before any group's ids are computed.
+    pub canonical: Canonical,
 }
 
 /// One group's multi-hot feature of one note: distinct ids and their weights.
@@ -147,6 +158,9 @@ pub type Features = Vec<GroupFeature>;
 #[serde(deny_unknown_fields)]
 struct File {
     version: String,
+    /// Dimension -> synonym file (relative to the schema file).
+    #[serde(default)]
+    canonical: std::collections::BTreeMap<String, PathBuf>,
     #[serde(rename = "group", default)]
     groups: Vec<GroupFile>,
 }
@@ -284,9 +298,23 @@ impl Schema {
                 weight: g.weight,
             });
         }
+        let mut canonical = Canonical::none();
+        for (dim, file) in &file.canonical {
+            let place = format!("canonical.{dim}");
+            if !crate::domain::is_valid_key(dim) {
+                return Err(err(&place, format!("{dim:?} is not a valid dimension key")));
+            }
+            let fpath = base.join(file);
+            let text = std::fs::read_to_string(&fpath)
+                .map_err(|e| err(&place, format!("{}: {e}", fpath.display())))?;
+            let groups = parse_synonyms(&text)
+                .map_err(|e| err(&format!("{} {e}", fpath.display()), e.reason.clone()))?;
+            canonical.insert(dim, groups);
+        }
         Ok(Schema {
             version: file.version,
             groups,
+            canonical,
         })
     }
 
@@ -303,7 +331,8 @@ impl Schema {
             .map(|g| {
                 let mut f = GroupFeature::default();
                 for t in tags.iter().filter(|t| g.selects(&t.dimension)) {
-                    let Some(id) = g.id(&t.dimension, &t.value) else {
+                    let value = self.canonical.spelling(&t.dimension, &t.value);
+                    let Some(id) = g.id(&t.dimension, &normalize(value)) else {
                         continue;
                     };
                     let w = match g.weight {
@@ -456,6 +485,62 @@ mod tests {
             Some(33)
         );
         assert_eq!(stable_hash("scene", "通勤"), 7340465014993863816);
+    }
+
+    /// A synonym of `[canonical]` gets the ids of its canonical spelling in every group, the
+    /// all-tags group (which hashes `dimension:value`) included.
+    #[test]
+    fn synonyms_share_every_id() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("scene.txt"), "通勤 | commute\n").unwrap();
+        let toml = r#"
+version = "t"
+[canonical]
+scene = "scene.txt"
+[[group]]
+name = "scene"
+dimensions = ["scene"]
+ids = "hash"
+hash_buckets = 0
+weight = "one"
+[[group]]
+name = "tags"
+dimensions = ["*"]
+ids = "hash"
+hash_buckets = 1024
+weight = "one"
+"#;
+        let s = Schema::parse(toml, &dir.path().join("features.toml")).unwrap();
+        let tag = |v: &str| Tag {
+            dimension: "scene".into(),
+            value: normalize(v),
+            score: 1.0,
+        };
+        let zh = s.features(&[tag("通勤")]);
+        assert_eq!(s.features(&[tag("Commute")]), zh);
+        assert_eq!(zh[0].ids, [stable_hash("scene", "通勤")]);
+        assert_ne!(
+            s.features(&[tag("上班")]),
+            zh,
+            "unlisted values keep their own ids"
+        );
+        // Both spellings in one note: one id.
+        assert_eq!(s.features(&[tag("通勤"), tag("commute")]), zh);
+        // The shipped schema: brand aliases are canonical in the all-tags group too.
+        let shipped = schema();
+        let brand = |v: &str| Tag {
+            dimension: "brand".into(),
+            value: normalize(v),
+            score: 1.0,
+        };
+        assert_eq!(
+            shipped.features(&[brand("耐克")]),
+            shipped.features(&[brand("Nike")])
+        );
+        // A broken synonym file is refused with its place.
+        std::fs::write(dir.path().join("scene.txt"), "通勤 | commute\nCOMMUTE\n").unwrap();
+        let e = Schema::parse(toml, &dir.path().join("features.toml")).unwrap_err();
+        assert!(e.place.contains("scene.txt line 2"), "{e}");
     }
 
     #[test]

@@ -37,12 +37,14 @@ pub fn init_logging(cfg: &crate::config::LogConfig) {
 pub fn load_guidance(cfg: &Config) -> anyhow::Result<(Arc<Handbook>, Arc<Schema>)> {
     let handbook = Handbook::load(&cfg.handbook)?;
     let schema = Schema::load(&cfg.schema)?;
+    let known = |d: &str| {
+        std::iter::once(&handbook.fallback)
+            .chain(&handbook.categories)
+            .any(|c| c.has_dimension(d))
+    };
     for (i, g) in schema.groups.iter().enumerate() {
         for d in &g.dimensions {
-            let known = std::iter::once(&handbook.fallback)
-                .chain(&handbook.categories)
-                .any(|c| c.has_dimension(d));
-            if !known {
+            if !known(d) {
                 anyhow::bail!(
                     "schema {}: group[{i}] {:?}: dimension {d:?} is in no category of handbook {}",
                     cfg.schema.display(),
@@ -51,6 +53,13 @@ pub fn load_guidance(cfg: &Config) -> anyhow::Result<(Arc<Handbook>, Arc<Schema>
                 );
             }
         }
+    }
+    if let Some(d) = schema.canonical.dimensions().find(|d| !known(d)) {
+        anyhow::bail!(
+            "schema {}: canonical.{d}: dimension {d:?} is in no category of handbook {}",
+            cfg.schema.display(),
+            cfg.handbook.display()
+        );
     }
     Ok((Arc::new(handbook), Arc::new(schema)))
 }
@@ -285,7 +294,8 @@ impl Role {
             cfg.limits.clone(),
             cfg.model.decoding,
             cfg.model.max_new_tokens,
-        );
+        )
+        .with_prompt(cfg.model.prompt_style().map_err(anyhow::Error::msg)?);
         let t = tagger.clone();
         let model_version: crate::grpc::ModelVersion = Arc::new(move || {
             t.versions()

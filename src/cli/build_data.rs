@@ -82,7 +82,7 @@ pub fn run(args: BuildDataArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<
         common,
     } = args;
     let cfg = common.config(|_| {})?;
-    let (handbook, _schema) = server::load_guidance(&cfg)?;
+    let (handbook, schema) = server::load_guidance(&cfg)?;
     let mut failed = 0;
     let sources = match notes {
         Some(notes) => {
@@ -117,7 +117,7 @@ pub fn run(args: BuildDataArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<
         None => records,
     };
     let model = tokenizer_model(&cfg)?;
-    sft_files(&model, &handbook, &cfg, &sources, &out)?;
+    sft_files(&model, (&handbook, &schema), &cfg, &sources, &out)?;
     if failed > 0 {
         println!("failed notes: {}", out.join("failures.jsonl").display());
         std::process::exit(1);

@@ -4,7 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use tagllm::{config::Config, model::TextModel, server, tagging::handbook::Handbook, training};
+use tagllm::{
+    config::Config,
+    features::Schema,
+    model::TextModel,
+    server,
+    tagging::handbook::Handbook,
+    training::{self, distill::SftOptions},
+};
 
 use super::CommonArgs;
 
@@ -43,14 +50,18 @@ pub(super) fn tokenizer_model(cfg: &Config) -> anyhow::Result<TextModel> {
 /// examples were written (records that make none are reported on stderr).
 pub(super) fn sft_files(
     model: &TextModel,
-    handbook: &Handbook,
+    (handbook, schema): (&Handbook, &Schema),
     cfg: &Config,
     sources: &[PathBuf],
     out: &Path,
 ) -> anyhow::Result<usize> {
     let records = training::distill::read_records(sources)?;
+    let opts = SftOptions {
+        style: cfg.model.prompt_style().map_err(anyhow::Error::msg)?,
+        canonical: schema.canonical.clone(),
+    };
     let (written, skipped) =
-        training::distill::write_sft(&records, handbook, &cfg.limits, Some(model), out)?;
+        training::distill::write_sft(&records, handbook, &cfg.limits, &opts, Some(model), out)?;
     for s in &skipped {
         eprintln!("not an SFT example: {s}");
     }
@@ -79,7 +90,7 @@ pub fn run(args: DistillArgs, _rt: &tokio::runtime::Runtime) -> anyhow::Result<(
         "distill trains adapters for GGUF models; {} is a checkpoint directory",
         cfg.model.path.display()
     );
-    let (handbook, _schema) = server::load_guidance(&cfg)?;
+    let (handbook, schema) = server::load_guidance(&cfg)?;
     let model = tokenizer_model(&cfg)?;
     let sft = out.join("sft");
     let mut splits = vec![("train", records)];
@@ -87,7 +98,13 @@ pub fn run(args: DistillArgs, _rt: &tokio::runtime::Runtime) -> anyhow::Result<(
         splits.push(("eval", eval_records));
     }
     for (split, sources) in &splits {
-        let written = sft_files(&model, &handbook, &cfg, sources, &sft.join(split))?;
+        let written = sft_files(
+            &model,
+            (&handbook, &schema),
+            &cfg,
+            sources,
+            &sft.join(split),
+        )?;
         anyhow::ensure!(written > 0, "no {split} example in {sources:?}");
     }
     drop(model);
@@ -107,6 +124,15 @@ pub fn run(args: DistillArgs, _rt: &tokio::runtime::Runtime) -> anyhow::Result<(
         .status()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     anyhow::ensure!(status.success(), "{} failed: {status}", script.display());
+    // What the server needs to know of the adapter: the prompt style it was trained on
+    // (`model.prompt = "auto"` reads it).
+    let style = cfg.model.prompt_style().map_err(anyhow::Error::msg)?;
+    let meta = out.join("tagllm.json");
+    std::fs::write(
+        &meta,
+        format!("{:#}\n", serde_json::json!({ "prompt": style.as_str() })),
+    )
+    .with_context(|| format!("writing {}", meta.display()))?;
     println!("adapter: {}", out.display());
     Ok(())
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use tagllm::{
     config::Config,
-    domain::{normalize, Note, RawNote, Tag},
+    domain::{canonical::Canonical, normalize, Note, RawNote, Tag},
     server,
     tagging::tagger::{Decoding, TagRun, Tagger},
     training::distill::{read_records, reference_tags, TeacherSteps},
@@ -114,6 +114,10 @@ struct Grounding {
     sparse: u32,
     sparse_tags: u32,
     sparse_over_one: u32,
+    /// Notes whose reference has no tag at all (nothing to tag: an emoji title, an off-topic
+    /// note, an injection), and those of them answered with no tag.
+    empty: u32,
+    empty_untagged: u32,
     /// Predicted tags of the extractive dimensions ([`EXTRACTIVE`]) with a Chinese character
     /// the note does not contain, and the same count for the reference tags (the teacher's own
     /// rate, as a yardstick).
@@ -162,6 +166,10 @@ impl Grounding {
             self.sparse += 1;
             self.sparse_tags += pred.len() as u32;
             self.sparse_over_one += (pred.len() > 1) as u32;
+        }
+        if reference.is_empty() {
+            self.empty += 1;
+            self.empty_untagged += pred.is_empty() as u32;
         }
         let extractive = |tags: &[Tag]| -> (u32, u32) {
             let named: Vec<&Tag> = tags
@@ -238,16 +246,18 @@ fn print_quality(mode: &str, q: &Quality) {
     );
     let g = &q.grounding;
     println!("\n{mode}: grounding\n");
-    println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | brand/model/place/dish tags with a Chinese character the note lacks (reference) |");
-    println!("| --- | --- | --- |");
+    println!("| notes stating no price, given a price tag | notes with at most 1 reference tag: tags/note, notes given more than 1 | notes with no reference tag answered with none | brand/model/place/dish tags with a Chinese character the note lacks (reference) |");
+    println!("| --- | --- | --- | --- |");
     println!(
-        "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
+        "| {}/{} ({:.1}%) | {:.2}, {}/{} | {}/{} | {}/{} ({:.1}%; reference {}/{}) |",
         g.priced_anyway,
         g.no_price,
         pct(g.priced_anyway, g.no_price),
         g.sparse_tags as f64 / g.sparse.max(1) as f64,
         g.sparse_over_one,
         g.sparse,
+        g.empty_untagged,
+        g.empty,
         g.unsupported,
         g.tags,
         pct(g.unsupported, g.tags),
@@ -283,6 +293,21 @@ fn score_note(pred: &[Tag], reference: &[Tag]) -> BTreeMap<String, Score> {
             as u32;
     }
     out
+}
+
+/// The synonyms tags are compared under: the schema's, unless `raw`; says which.
+fn comparison(schema: &tagllm::features::Schema, raw: bool) -> Canonical {
+    if raw || schema.canonical.dimensions().next().is_none() {
+        println!("tags compared as written (normalized)\n");
+        return Canonical::none();
+    }
+    let mut dims: Vec<&str> = schema.canonical.dimensions().collect();
+    dims.sort();
+    println!(
+        "tags compared in canonical spelling (the feature schema's synonyms for {}; --raw: as written)\n",
+        dims.join(", ")
+    );
+    schema.canonical.clone()
 }
 
 /// One note to tag, with what the report needs about it.
@@ -360,6 +385,10 @@ pub struct EvalArgs {
     /// notes gives the teacher-vs-teacher agreement, the ceiling a student can reach.
     #[arg(long, num_args = 1..)]
     pub against: Vec<PathBuf>,
+    /// Compare tags as written, not in the canonical spellings of the feature schema's synonym
+    /// files (by default `commute` and `通勤` match, as they share a feature id).
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -368,15 +397,27 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let cfg = args.common.config(|_| {})?;
     if !args.against.is_empty() {
-        return agreement(&cfg, &args.notes, &args.against);
+        return agreement(&cfg, &args.notes, &args.against, args.raw);
     }
-    rt.block_on(evaluate(cfg, args.notes, args.decoding, args.verbose))
+    rt.block_on(evaluate(
+        cfg,
+        args.notes,
+        args.decoding,
+        args.verbose,
+        args.raw,
+    ))
 }
 
 /// Scores the tags of the `against` records as predictions for the notes of `paths` (their
 /// teacher records), with the same scores and grounding counts a model gets.
-fn agreement(cfg: &Config, paths: &[PathBuf], against: &[PathBuf]) -> anyhow::Result<()> {
-    let (handbook, _schema) = server::load_guidance(cfg)?;
+fn agreement(
+    cfg: &Config,
+    paths: &[PathBuf],
+    against: &[PathBuf],
+    raw: bool,
+) -> anyhow::Result<()> {
+    let (handbook, schema) = server::load_guidance(cfg)?;
+    let canonical = comparison(&schema, raw);
     let others: BTreeMap<String, BTreeMap<String, Vec<String>>> = read_records(against)?
         .into_iter()
         .map(|r| (r.note_id, r.teacher.tags))
@@ -397,7 +438,12 @@ fn agreement(cfg: &Config, paths: &[PathBuf], against: &[PathBuf]) -> anyhow::Re
                 reference_tags(other, category),
                 reference_tags(reference, category),
             );
-            q.add(&category.key, score_note(&pred, &reference));
+            q.add(
+                &category.key,
+                score_note(&canonical.tags(&pred), &canonical.tags(&reference)),
+            );
+            // Grounding reads the tags as written: a canonical spelling in another script is
+            // no invention.
             let has_price = category.dimensions.iter().any(|d| d.key == PRICE);
             q.grounding.add(&item.note, has_price, &pred, &reference);
         }
@@ -419,13 +465,15 @@ async fn evaluate(
     paths: Vec<PathBuf>,
     modes: Vec<String>,
     verbose: bool,
+    raw: bool,
 ) -> anyhow::Result<()> {
     let mut items = Vec::new();
     for path in &paths {
         items.extend(read_items(path, &cfg)?);
     }
     let items = Arc::new(items);
-    let (handbook, _schema) = server::load_guidance(&cfg)?;
+    let (handbook, schema) = server::load_guidance(&cfg)?;
+    let canonical = comparison(&schema, raw);
     let (engine, _thread) = server::start_engine(&cfg)?;
     let info = engine.wait_ready().await.map_err(anyhow::Error::msg)?;
     let scored = items.iter().filter(|i| i.reference.is_some()).count();
@@ -440,6 +488,7 @@ async fn evaluate(
             .join(", ")
     );
     // Notes run concurrently so the engine can batch them; results are read back in input order.
+    let prompt = cfg.model.prompt_style().map_err(anyhow::Error::msg)?;
     let window = cfg
         .model
         .max_batch
@@ -452,13 +501,16 @@ async fn evaluate(
             "unconstrained" => Decoding::Unconstrained,
             other => anyhow::bail!("--decoding: unknown mode {other:?}"),
         };
-        let tagger = Arc::new(Tagger::new(
-            Arc::clone(&handbook),
-            engine.clone(),
-            cfg.limits.clone(),
-            decoding,
-            cfg.model.max_new_tokens,
-        ));
+        let tagger = Arc::new(
+            Tagger::new(
+                Arc::clone(&handbook),
+                engine.clone(),
+                cfg.limits.clone(),
+                decoding,
+                cfg.model.max_new_tokens,
+            )
+            .with_prompt(prompt),
+        );
         let progress = indicatif::ProgressBar::new(items.len() as u64).with_message(mode.clone());
         let sem = Arc::new(tokio::sync::Semaphore::new(window));
         let mut tasks = tokio::task::JoinSet::new();
@@ -486,7 +538,10 @@ async fn evaluate(
             if let Some(reference) = &item.reference {
                 let category = handbook.resolve(&note.category);
                 let record_tags = reference_tags(reference, category);
-                q.add(&category.key, score_note(&p.tags, &record_tags));
+                q.add(
+                    &category.key,
+                    score_note(&canonical.tags(&p.tags), &canonical.tags(&record_tags)),
+                );
                 let has_price = category.dimensions.iter().any(|d| d.key == PRICE);
                 q.grounding.add(note, has_price, &p.tags, &record_tags);
             }
@@ -617,11 +672,16 @@ mod tests {
         g.add(&n, true, &both, &both);
         assert_eq!((g.priced_anyway, g.no_price), (1, 1));
         assert_eq!((g.sparse, g.sparse_tags, g.sparse_over_one), (1, 3, 1));
+        assert_eq!((g.empty, g.empty_untagged), (0, 0));
         // Only the extractive dimensions count: series here, not price or wearing feel.
         assert_eq!((g.unsupported, g.tags), (1, 2));
         assert_eq!((g.ref_unsupported, g.ref_tags), (0, 1));
         // Latin, digits and symbols never count: canonical brand spellings are not inventions.
         assert!(!has_unsupported_han("Nike ¥0-50", "耐克"));
         assert!(has_unsupported_han("始祖鸟", "Arc'teryx 始祖"));
+        // Nothing to tag: answered with no tag, then with one.
+        g.add(&note("😭😭😭", "如题"), true, &[], &[]);
+        g.add(&note("晚安", ""), true, &[tag("series", "aj1")], &[]);
+        assert_eq!((g.empty, g.empty_untagged), (2, 1));
     }
 }

@@ -68,6 +68,10 @@ pub struct CommonArgs {
     /// `.lora` directory when it exists: the default model's distilled student) or `none`.
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Prompt style: full (the handbook's guidance), compact (the category's name; for students
+    /// distilled on it) or auto (what the adapter was trained on, else full).
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long)]
     pub device: Option<String>,
@@ -92,6 +96,9 @@ impl CommonArgs {
         }
         if let Some(a) = &self.adapter {
             cfg.model.adapter = a.clone();
+        }
+        if let Some(p) = &self.prompt {
+            cfg.model.prompt = p.clone();
         }
         if let Some(h) = &self.handbook {
             cfg.handbook = h.clone();

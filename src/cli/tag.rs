@@ -34,10 +34,14 @@ pub fn run(args: TagArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (engine, _thread) = server::start_engine(&cfg)?;
         engine.wait_ready().await.map_err(anyhow::Error::msg)?;
-        let tagger = Tagger::new(handbook, engine, cfg.limits.clone(),
+        let tagger = Tagger::new(
+            handbook,
+            engine,
+            cfg.limits.clone(),
             cfg.model.decoding,
             cfg.model.max_new_tokens,
-        );
+        )
+        .with_prompt(cfg.model.prompt_style().map_err(anyhow::Error::msg)?);
         let run = tagger.run(&note).await?;
         let features = schema.features(&run.parsed.tags);
         let groups: serde_json::Map<String, serde_json::Value> = schema

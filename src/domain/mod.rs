@@ -1,7 +1,8 @@
-//! Plain domain types and pure logic: notes, ids, tags, request limits, tag normalization, the
-//! domain error, and the validation that turns untrusted input into them. The bottom layer: it
+//! Plain domain types and pure logic: notes, ids, tags, request limits, tag normalization and
+//! canonical values, the domain error, and the validation that turns untrusted input into them. The bottom layer: it
 //! names nothing else of the crate, and knows nothing of gRPC or the model.
 
+pub mod canonical;
 pub mod error;
 mod limits;
 mod normalize;

@@ -2,7 +2,7 @@
 //! cache slots, one packed decode step for several sequences, and the llama decoder's prefill
 //! through the prefix cache.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::{
     prefix, qwen3vl,
@@ -39,33 +39,24 @@ pub struct Prefilled {
 impl TextModel {
     /// Next-token logits (f32, vocabulary-sized) after feeding `tokens` at `pos`.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        if !matches!(self.weights, Weights::Qwen2(_)) {
-            // The single-sequence path is batch slot 0.
-            if pos == 0 {
-                return self.prefill(tokens, &[]).map(|(l, _)| l);
-            }
-            if let Weights::Llama(w) = &mut self.weights {
-                let cached = w.slots[0].cache.as_ref().map_or(0, |c| c.len());
-                if cached != pos {
-                    return Err(ModelError::internal(format!(
-                        "position {pos} after {cached} cached tokens"
-                    )));
-                }
-                return Ok(llama_step(w, &[(tokens, 0)])?.remove(0));
-            }
-            let mut last = None;
-            for &t in tokens {
-                last = self.decode_batch(&[(t, 0)])?.pop();
-            }
-            return last.ok_or_else(|| ModelError::internal("no tokens"));
+        // The single-sequence path is batch slot 0.
+        if pos == 0 {
+            return self.prefill(tokens, &[]).map(|(l, _)| l);
         }
-        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0))?;
-        let logits = self.weights.forward(&input, pos)?;
-        logits
-            .squeeze(0)
-            .and_then(|l| l.to_dtype(DType::F32))
-            .and_then(|l| l.to_vec1::<f32>())
-            .map_err(ModelError::from)
+        if let Weights::Llama(w) = &mut self.weights {
+            let cached = w.slots[0].cache.as_ref().map_or(0, |c| c.len());
+            if cached != pos {
+                return Err(ModelError::internal(format!(
+                    "position {pos} after {cached} cached tokens"
+                )));
+            }
+            return Ok(llama_step(w, &[(tokens, 0)])?.remove(0));
+        }
+        let mut last = None;
+        for &t in tokens {
+            last = self.decode_batch(&[(t, 0)])?.pop();
+        }
+        last.ok_or_else(|| ModelError::internal("no tokens"))
     }
 
     /// Feeds a whole prompt to an empty sequence; `images` fill the prompt's image placeholders,
@@ -88,13 +79,6 @@ impl TextModel {
         images: &[ProcessedImage],
         shared_prefix: usize,
     ) -> Result<(Vec<f32>, usize), ModelError> {
-        if matches!(self.weights, Weights::Qwen2(_)) {
-            if !images.is_empty() {
-                return Err(ModelError::internal("this model reads no images"));
-            }
-            self.last_cached = 0;
-            return Ok((self.forward(prompt, 0)?, prompt.len()));
-        }
         // The single-sequence path is batch slot 0.
         let p = self
             .prefill_batch(&[PromptInput {
@@ -121,20 +105,12 @@ impl TextModel {
         (self.last_cached, self.prefixes.hit_tokens)
     }
 
-    /// Sequences this model can run in one step: its cache slots (`max_batch`) for the batching
-    /// models, llama-family GGUFs and Qwen3-VL; 1 for a qwen2 GGUF (candle-transformers' model,
-    /// whose KV cache holds one sequence).
+    /// Sequences this model can run in one step: its cache slots (`max_batch`).
     pub fn max_batch(&self) -> usize {
         match &self.weights {
             Weights::Vl(w) => w.slots.len(),
             Weights::Llama(w) => w.slots.len(),
-            Weights::Qwen2(_) => 1,
         }
-    }
-
-    /// Whether the engine can batch this model (its sequences run through cache slots).
-    pub fn batches(&self) -> bool {
-        !matches!(self.weights, Weights::Qwen2(_))
     }
 
     /// Prefills several prompts at once into their free cache slots (batching models only; the

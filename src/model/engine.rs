@@ -14,10 +14,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    chat::Message,
-    qwen3vl::image_proc::ProcessedImage,
-    scheduler::{cancelled_while_queued, BatchModel, Scheduler},
-    GenParams, Generation, LoadOptions, ModelError, ModelInfo, PromptInput, Requantize, TextModel,
+    chat::Message, qwen3vl::image_proc::ProcessedImage, scheduler::Scheduler, GenParams,
+    Generation, LoadOptions, ModelError, ModelInfo, PromptInput, Requantize, TextModel,
 };
 
 /// What the engine needs to start.
@@ -131,7 +129,7 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Moving average of a job's prefill + decode time (ms; 0 before the first job).
     pub job_ms: AtomicU64,
-    /// Sequences the loaded model decodes together (1 for a qwen2 GGUF).
+    /// Sequences the loaded model decodes together.
     pub slots: AtomicUsize,
 }
 
@@ -286,31 +284,19 @@ fn run(
     let warm = model
         .encode_chat(&[Message::new("user", "Hi")], "")
         .and_then(|p| {
-            let params = GenParams {
-                max_new_tokens: 2,
-                context_tokens: cfg.context_tokens,
-                assistant_prefix: String::new(),
-                stop_at_json_end: false,
-                grammar: None,
-                shared_prefix: 0,
-            };
-            if model.batches() {
-                // Through the batch path (slot 0), the one the engine serves with: no second
-                // cache for the single-sequence path.
-                let first = model
-                    .prefill_batch(&[PromptInput {
-                        ids: &p,
-                        images: &[],
-                        slot: 0,
-                        shared_prefix: 0,
-                    }])?
-                    .remove(0);
-                model
-                    .decode_batch(&[(super::argmax(&first.logits), 0)])
-                    .map(|_| ())
-            } else {
-                model.generate(&p, &params, &|| false).map(|_| ())
-            }
+            // Through the batch path (slot 0), the one the engine serves with: no second cache
+            // for the single-sequence path.
+            let first = model
+                .prefill_batch(&[PromptInput {
+                    ids: &p,
+                    images: &[],
+                    slot: 0,
+                    shared_prefix: 0,
+                }])?
+                .remove(0);
+            model
+                .decode_batch(&[(super::argmax(&first.logits), 0)])
+                .map(|_| ())
         });
     if let Err(e) = warm {
         tracing::error!(error = %e, "model warm-up failed");
@@ -332,17 +318,9 @@ fn run(
         "model loaded and warm"
     );
     state.send_replace(EngineState::Ready(info));
-    let batching = model.batches();
-    stats.slots.store(
-        if batching { model.max_batch() } else { 1 },
-        Ordering::Relaxed,
-    );
-    if batching {
-        Scheduler::new(model.max_batch(), cfg.max_batch_tokens, cfg.context_tokens)
-            .run(&mut model, &mut rx, &stats);
-    } else {
-        run_sequential(&cfg, &mut model, &mut rx, &stats);
-    }
+    stats.slots.store(model.max_batch(), Ordering::Relaxed);
+    Scheduler::new(model.max_batch(), cfg.max_batch_tokens, cfg.context_tokens)
+        .run(&mut model, &mut rx, &stats);
     state.send_replace(EngineState::Failed("engine stopped".into()));
 }
 
@@ -381,39 +359,4 @@ pub(super) fn reply(job: Job, result: Result<JobOutput, ModelError>, stats: &Eng
     };
     metrics::counter!("tagllm_engine_jobs_total", "outcome" => outcome).increment(1);
     let _ = job.reply.send(result);
-}
-
-/// One job at a time (models whose KV cache holds one sequence: qwen2 GGUFs).
-fn run_sequential(
-    cfg: &EngineConfig,
-    model: &mut TextModel,
-    rx: &mut mpsc::Receiver<Job>,
-    stats: &EngineStats,
-) {
-    while let Some(job) = rx.blocking_recv() {
-        metrics::gauge!("tagllm_engine_queue_depth").set(rx.len() as f64);
-        if job.reply.is_closed() {
-            cancelled_while_queued(stats);
-            continue; // the caller left while queued
-        }
-        metrics::histogram!("tagllm_engine_batch_size").record(1.0);
-        stats.running.store(1, Ordering::Relaxed);
-        stats.peak_batch.fetch_max(1, Ordering::Relaxed);
-        let queue = job.enqueued.elapsed();
-        let result = BatchModel::encode(model, &job, cfg.context_tokens).and_then(|prompt| {
-            let params = GenParams {
-                shared_prefix: prompt.shared_prefix,
-                ..job.params(cfg.context_tokens)
-            };
-            model
-                .generate_with_images(&prompt.ids, &job.images, &params, &|| job.reply.is_closed())
-                .map(|generation| JobOutput {
-                    generation,
-                    queue,
-                    truncated: prompt.truncated,
-                })
-        });
-        reply(job, result, stats);
-        stats.running.store(0, Ordering::Relaxed);
-    }
 }

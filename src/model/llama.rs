@@ -1,11 +1,11 @@
-//! A quantized llama-family decoder from GGUF (the default model's architecture) over *packed*
-//! sequences, so the engine can batch it: every sequence's new tokens in a step share one
+//! A quantized llama-family decoder from GGUF over *packed* sequences (the `llama` architecture,
+//! the default model's, and `qwen2`, which adds q/k/v biases and rotates half-split pairs), so the engine can batch it: every sequence's new tokens in a step share one
 //! `[tokens, hidden]` matrix for the quantized projections and the MLP, and attention runs per
 //! sequence against that sequence's own KV cache (the Qwen3-VL decoder's scheme, `qwen3vl::text`).
 //!
-//! It computes what candle-transformers' `quantized_llama` computes, op for op (the same GGUF
-//! tensors, quantized matmuls, RMSNorms, interleaved RoPE with the same angle table, softmax
-//! attention), but candle's model holds one sequence's cache. No sequence is padded and every op
+//! It computes what candle-transformers' `quantized_llama` and `quantized_qwen2` compute, op for op
+//! (the same GGUF tensors, quantized matmuls, RMSNorms, RoPE with the same angle table, softmax
+//! attention), but candle's models hold one sequence's cache. No sequence is padded and every op
 //! is row-wise or per sequence, so a sequence's logits do not depend on what it is batched with
 //! (`tests/it/model.rs` checks batched == alone, exactly); the llama.cpp parity tests run through
 //! this code.
@@ -22,12 +22,44 @@ use tagllm_kernels::Projections;
 struct Layer {
     /// q, k and v, one packed matrix on CPUs with AVX-512 VNNI (`qmatmul`).
     qkv: Projections,
+    /// q, k and v biases (`qwen2`).
+    qkv_bias: Option<[Tensor; 3]>,
     wo: Projections,
     attn_norm: RmsNorm,
     /// gate and up.
     gate_up: Projections,
     down: Projections,
     ffn_norm: RmsNorm,
+}
+
+/// How the pairs of a head's dimensions are rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rope {
+    /// Adjacent pairs `(2i, 2i+1)`: llama GGUFs, whose q/k rows llama.cpp's converter permuted.
+    Interleaved,
+    /// Pairs `(i, i + d/2)` ("neox"): qwen2.
+    Halves,
+}
+
+/// What a supported architecture changes in the llama decoder.
+struct Family {
+    /// Whether q, k and v have biases.
+    qkv_bias: bool,
+    rope: Rope,
+}
+
+fn family(arch: &str) -> Result<Family> {
+    Ok(match arch {
+        "llama" => Family {
+            qkv_bias: false,
+            rope: Rope::Interleaved,
+        },
+        "qwen2" => Family {
+            qkv_bias: true,
+            rope: Rope::Halves,
+        },
+        _ => candle_core::bail!("architecture {arch:?} is not a llama-family decoder we run"),
+    })
 }
 
 /// The decoder.
@@ -38,6 +70,7 @@ pub struct Llama {
     output: Projections,
     /// `1 / base^(2i/d)`, the rotary frequencies.
     theta: Vec<f32>,
+    rope: Rope,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -45,37 +78,43 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads a `llama` GGUF (dense MLP; mixture-of-experts files are refused).
+    /// Loads a GGUF of architecture `arch`, `llama` or `qwen2` (dense MLP; mixture-of-experts
+    /// files are refused).
     pub fn from_gguf<R: Read + Seek>(
+        arch: &str,
         ct: &gguf_file::Content,
         r: &mut R,
         device: &Device,
     ) -> Result<Llama> {
+        let fam = family(arch)?;
         let md = |k: &str| {
+            let key = format!("{arch}.{k}");
             ct.metadata
-                .get(k)
-                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata {k} missing")))
+                .get(&key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata {key} missing")))
         };
-        if md("llama.expert_count")
-            .and_then(|v| v.to_u32())
-            .unwrap_or(0)
-            > 1
-        {
-            candle_core::bail!("mixture-of-experts llama models are not supported");
+        if md("expert_count").and_then(|v| v.to_u32()).unwrap_or(0) > 1 {
+            candle_core::bail!("mixture-of-experts {arch} models are not supported");
         }
-        let heads = md("llama.attention.head_count")?.to_u32()? as usize;
-        let kv_heads = md("llama.attention.head_count_kv")?.to_u32()? as usize;
-        let blocks = md("llama.block_count")?.to_u32()? as usize;
-        let hidden = md("llama.embedding_length")?.to_u32()? as usize;
-        let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
-        let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
-        let base = md("llama.rope.freq_base")
+        let heads = md("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("attention.head_count_kv")?.to_u32()? as usize;
+        let blocks = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            candle_core::bail!("unsupported {arch} shape: {heads} heads, {kv_heads} KV heads");
+        }
         let head_dim = hidden / heads;
-        if rope_dim != head_dim || !heads.is_multiple_of(kv_heads) {
+        // qwen2 files leave the rotary dimension out: the whole head rotates.
+        let rope_dim = md("rope.dimension_count")
+            .and_then(|v| v.to_u32())
+            .map_or(head_dim, |d| d as usize);
+        if rope_dim != head_dim || hidden != heads * head_dim {
             candle_core::bail!(
-                "unsupported llama shape: rope dim {rope_dim}, head dim {head_dim}, {heads} heads, {kv_heads} KV heads"
+                "unsupported {arch} shape: rope dim {rope_dim}, head dim {head_dim}, hidden {hidden}, {heads} heads"
             );
         }
         let mut t = |name: &str| ct.tensor(r, name, device);
@@ -92,8 +131,15 @@ impl Llama {
             let qkv = vec![q("attn_q")?, q("attn_k")?, q("attn_v")?];
             let wo = vec![q("attn_output")?];
             let (gate_up, down) = (vec![q("ffn_gate")?, q("ffn_up")?], vec![q("ffn_down")?]);
+            let qkv_bias = if fam.qkv_bias {
+                let mut b = |n: &str| t(&format!("blk.{i}.{n}.bias"))?.dequantize(device);
+                Some([b("attn_q")?, b("attn_k")?, b("attn_v")?])
+            } else {
+                None
+            };
             layers.push(Layer {
                 qkv: Projections::new(qkv, true)?,
+                qkv_bias,
                 wo: Projections::new(wo, true)?,
                 gate_up: Projections::new(gate_up, true)?,
                 down: Projections::new(down, true)?,
@@ -110,6 +156,7 @@ impl Llama {
                 .step_by(2)
                 .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
                 .collect(),
+            rope: fam.rope,
             heads,
             kv_heads,
             head_dim,
@@ -200,14 +247,24 @@ impl Llama {
                 .contiguous()?
                 .unsqueeze(0) // [1, count, n, hd]
         };
-        let [q, k, v]: [Tensor; 3] = layer.qkv.forward(h)?.try_into().map_err(|_| {
-            candle_core::Error::Msg("q/k/v projections: three outputs expected".into())
-        })?;
+        let [mut q, mut k, mut v]: [Tensor; 3] =
+            layer.qkv.forward(h)?.try_into().map_err(|_| {
+                candle_core::Error::Msg("q/k/v projections: three outputs expected".into())
+            })?;
+        if let Some([bq, bk, bv]) = &layer.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
         let q = heads(q, self.heads)?;
         let k = heads(k, self.kv_heads)?;
         let v = heads(v, self.kv_heads)?.squeeze(0)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
+        let rotate = match self.rope {
+            Rope::Interleaved => candle_nn::rotary_emb::rope_i,
+            Rope::Halves => candle_nn::rotary_emb::rope,
+        };
+        let q = rotate(&q, cos, sin)?.squeeze(0)?;
+        let k = rotate(&k, cos, sin)?.squeeze(0)?;
         packed_attention(li, &q, &k, &v, seqs, masks)
     }
 }

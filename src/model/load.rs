@@ -1,5 +1,5 @@
-//! Loading a model: a quantized GGUF text model of the llama family (our batched llama decoder,
-//! or candle-transformers' qwen2), optionally rewritten at load (Q4_1 -> Q8_0, a LoRA adapter
+//! Loading a model: a quantized GGUF text model of the llama family (`llama` or `qwen2`, our
+//! batched decoder), optionally rewritten at load (other quantizations -> Q8_0, a LoRA adapter
 //! merged), or a Qwen3-VL checkpoint directory in Hugging Face layout; the tokenizer and chat
 //! template come from the model's own metadata.
 
@@ -33,7 +33,8 @@ use super::{
 pub enum Requantize {
     /// As stored in the file.
     None,
-    /// Q4_1 matrices re-quantized to Q8_0 at load: candle has AVX2 kernels for Q8_0 but only a
+    /// Matrices in other block quantizations (Q4_1, Q5_0, the K-quants, ...) re-quantized to
+    /// Q8_0 at load, so that they run on our Q8_0 kernels (`tagllm-kernels`): candle has only a
     /// scalar loop for Q4_1 (measured ~3-9x faster here; near-lossless, ~1.7x weight memory).
     Q8_0,
 }
@@ -141,20 +142,29 @@ fn file_digest(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Whether [`Requantize::Q8_0`] rewrites a matrix stored as `dtype`: every block quantization
+/// but Q8_0 itself (float tensors, norms and biases among them, stay as they are).
+fn requantized_to_q8_0(dtype: GgmlDType) -> bool {
+    !matches!(
+        dtype,
+        GgmlDType::Q8_0 | GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+    )
+}
+
 /// Rewrites a GGUF in memory: an adapter's updates merged into their matrices (stored as Q8_0),
-/// and, with `q4_1_to_q8_0`, the other Q4_1 matrices as Q8_0 (see [`Requantize::Q8_0`]). `None`
+/// and, with `to_q8_0`, the other quantized matrices as Q8_0 (see [`Requantize::Q8_0`]). `None`
 /// when nothing changes.
 fn rewrite_gguf<R: Read + Seek>(
     ct: &gguf_file::Content,
     reader: &mut R,
-    q4_1_to_q8_0: bool,
+    to_q8_0: bool,
     adapter: Option<&adapter::LoraAdapter>,
 ) -> candle_core::Result<Option<Cursor<Vec<u8>>>> {
-    let requant = q4_1_to_q8_0
+    let requant = to_q8_0
         && ct
             .tensor_infos
             .values()
-            .any(|t| t.ggml_dtype == GgmlDType::Q4_1);
+            .any(|t| requantized_to_q8_0(t.ggml_dtype));
     if !requant && adapter.is_none() {
         return Ok(None);
     }
@@ -180,7 +190,7 @@ fn rewrite_gguf<R: Read + Seek>(
                 }
                 QTensor::quantize(&(w + delta)?, GgmlDType::Q8_0)?
             }
-            None if requant && t.dtype() == GgmlDType::Q4_1 => {
+            None if requant && requantized_to_q8_0(t.dtype()) => {
                 QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
             }
             None => t,
@@ -203,9 +213,8 @@ impl TextModel {
     }
 
     /// Loads `path`: a directory is a Hugging Face checkpoint (Qwen3-VL, our own implementation,
-    /// [`qwen3vl`]); a file is a quantized GGUF text model of the llama family: `llama` (our
-    /// batched decoder, [`llama`]) or `qwen2` (candle-transformers' quantized implementation, one
-    /// sequence at a time).
+    /// [`qwen3vl`]); a file is a quantized GGUF text model of the llama family, `llama` or
+    /// `qwen2`, which runs on our batched decoder ([`super::llama`]).
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<TextModel, ModelError> {
         if path.is_dir() {
             if let Some(a) = &opts.adapter {
@@ -283,11 +292,6 @@ impl TextModel {
         let vocab_size = tokenizer.get_vocab_size(true);
         let constrainer = constrain::Constrainer::new(&tokenizer, &special.stop)
             .map_err(|e| load_err(path, e))?;
-        let prefix_cache = if matches!(weights, Weights::Llama(_)) {
-            opts.prefix_cache
-        } else {
-            0
-        };
         Ok(TextModel {
             weights,
             text_tokenizer: text_tokenizer(&tokenizer),
@@ -295,7 +299,7 @@ impl TextModel {
             special,
             template,
             constrainer,
-            prefixes: prefix::PrefixCache::new(prefix_cache),
+            prefixes: prefix::PrefixCache::new(opts.prefix_cache),
             head_memo: Default::default(),
             last_cached: 0,
             info: ModelInfo {
@@ -307,7 +311,6 @@ impl TextModel {
                 image_processor: None,
                 device: device_name(&device),
             },
-            device,
         })
     }
 
@@ -378,7 +381,6 @@ impl TextModel {
             special,
             template,
             constrainer,
-            device: device.clone(),
             // Qwen3-VL keeps per-slot caches; its prefix reuse is not built yet.
             prefixes: prefix::PrefixCache::new(0),
             head_memo: Default::default(),

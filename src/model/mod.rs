@@ -29,7 +29,6 @@ pub use encode::EncodedPrompt;
 pub use load::{parse_device, LoadOptions, Requantize, SUPPORTED_ARCHITECTURES};
 pub use sequence::{argmax, json_object_closed, log_prob, GenParams, Generation, Sequence};
 
-use candle_core::Device;
 use chat::ChatTemplate;
 use qwen3vl::image_proc::{ProcessedImage, ProcessorConfig};
 use tokenizer::SpecialTokens;
@@ -111,7 +110,6 @@ pub struct TextModel {
     special: SpecialTokens,
     template: ChatTemplate,
     constrainer: constrain::Constrainer,
-    device: Device,
     /// States after shared prompt prefixes (llama-family GGUF models).
     prefixes: prefix::PrefixCache<PrefixState>,
     /// Token ids of shared message heads, by text ([`TextModel::head_ids`]).

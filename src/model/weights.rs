@@ -3,16 +3,13 @@
 use std::io::{Read, Seek};
 
 use candle_core::{quantized::gguf_file, Tensor};
-use candle_transformers::models::quantized_qwen2;
 
 use super::{llama, qwen3vl, LoadOptions, ModelError};
 
 /// The loaded network and its caches.
 pub(super) enum Weights {
-    /// A llama GGUF through our batched decoder ([`llama`]), with its batch slots.
+    /// A llama or qwen2 GGUF through our batched decoder ([`llama`]), with its batch slots.
     Llama(Box<LlamaWeights>),
-    /// A qwen2 GGUF through candle-transformers (one sequence).
-    Qwen2(Box<quantized_qwen2::ModelWeights>),
     /// A Qwen3-VL checkpoint in Hugging Face layout, with its batch slots.
     Vl(Box<VlWeights>),
 }
@@ -74,29 +71,12 @@ impl Weights {
         r: &mut R,
         opts: &LoadOptions,
     ) -> candle_core::Result<Weights> {
-        let device = &opts.device;
-        Ok(match arch {
-            "qwen2" => Weights::Qwen2(Box::new(quantized_qwen2::ModelWeights::from_gguf(
-                ct, r, device,
-            )?)),
-            _ => Weights::Llama(Box::new(LlamaWeights {
-                model: llama::Llama::from_gguf(&ct, r, device)?,
-                slots: (0..opts.max_batch.max(1))
-                    .map(|_| Slot::new(opts.context_tokens))
-                    .collect(),
-            })),
-        })
-    }
-
-    /// Logits of the last position; `pos == 0` starts a new sequence (the KV cache is reset).
-    /// candle-transformers' models only (the others step through their slots).
-    pub(super) fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Weights::Qwen2(m) => m.forward(x, pos),
-            Weights::Llama(_) | Weights::Vl(_) => {
-                candle_core::bail!("batching models step through their slots")
-            }
-        }
+        Ok(Weights::Llama(Box::new(LlamaWeights {
+            model: llama::Llama::from_gguf(arch, &ct, r, &opts.device)?,
+            slots: (0..opts.max_batch.max(1))
+                .map(|_| Slot::new(opts.context_tokens))
+                .collect(),
+        })))
     }
 }
 

@@ -1,11 +1,14 @@
 //! The answer's grammar, compiled from a category's handbook entry: a JSON object whose keys are
 //! only that category's dimensions (in handbook order, each at most once), each a list of 1 to
-//! `max_tags_per_dimension` strings of 1 to `max_tag_chars` characters, at least one tag and at most
-//! `max_tags_per_note` in all, in one fixed layout:
+//! `max_tags_per_dimension` strings of 1 to `max_tag_chars` characters, at most `max_tags_per_note`
+//! in all, in one fixed layout:
 //!
 //! ```text
 //! {"brand": ["Nike", "Air Jordan"], "scene": ["通勤"]}
 //! ```
+//!
+//! or `{}`: a note that supports no tag (an emoji title, an empty body, an off-topic note) gets
+//! none, rather than one the grammar would force the model to invent.
 //!
 //! The text is llguidance's Lark dialect. The total-count bound is what JSON Schema cannot say;
 //! here it is a budget carried in the rule names (`r_D_B`: at dimension D with B tags left, nothing
@@ -30,7 +33,7 @@ pub fn tag_grammar(category: &Category, limits: &Limits) -> String {
     let len = limits.max_tag_chars.max(1);
     let mut g = String::new();
     let _ = writeln!(g, "// tags for category {:?}", category.key);
-    let _ = writeln!(g, "start: \"{{\" r_0_{total}");
+    let _ = writeln!(g, "start: \"{{}}\" | \"{{\" r_0_{total}");
     // r_d_b: the first tag is still to come, at dimension d or later.
     for d in 0..n {
         for b in 1..=total {
@@ -108,7 +111,7 @@ mod tests {
             ..Limits::default()
         };
         let g = tag_grammar(&cat, &limits);
-        assert!(g.contains("start: \"{\" r_0_3"));
+        assert!(g.contains("start: \"{}\" | \"{\" r_0_3"), "{g}");
         assert!(g.contains(r#"p_0_2: "\"brand\": [" values_2 "]""#), "{g}");
         assert!(g.contains(r#"p_1_1: "\"scene\": [" values_1 "]""#), "{g}");
         assert_eq!(g.matches("\\\": [").count(), 4, "2 dimensions x 2 counts");

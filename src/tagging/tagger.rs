@@ -16,7 +16,7 @@ use crate::{
     tagging::{
         grammar,
         handbook::Handbook,
-        prompt,
+        prompt::{self, PromptStyle},
         tags::{apply_scores, parse_output, Parsed},
     },
 };
@@ -107,6 +107,7 @@ pub struct Tagger {
     limits: Limits,
     max_new_tokens: usize,
     decoding: Decoding,
+    prompt: PromptStyle,
     /// Category key -> its answer grammar (built once; the engine compiles and caches it).
     grammars: Arc<HashMap<String, Arc<str>>>,
 }
@@ -140,8 +141,15 @@ impl Tagger {
             limits,
             max_new_tokens,
             decoding,
+            prompt: PromptStyle::Full,
             grammars: Arc::new(grammars),
         }
+    }
+
+    /// The same tagger with prompts of `style` (full by default).
+    pub fn with_prompt(mut self, style: PromptStyle) -> Tagger {
+        self.prompt = style;
+        self
     }
 
     /// The handbook.
@@ -164,9 +172,9 @@ impl Tagger {
         Versions {
             // Everything that shapes the answer: weights, prompt, decoding and the tag limits.
             model: format!(
-                "{}/p{}/{}/t{}x{}c{}n{}",
+                "{}/{}/{}/t{}x{}c{}n{}",
                 info.version,
-                prompt::PROMPT_VERSION,
+                self.prompt.version(),
                 self.decoding.as_str(),
                 self.limits.max_tags_per_dimension,
                 self.limits.max_tags_per_note,
@@ -220,7 +228,7 @@ impl Tagger {
         let (tx, rx) = oneshot::channel();
         self.engine
             .try_submit(Job {
-                messages: prompt::messages(note, category, &self.limits, images.len()),
+                messages: prompt::messages(note, category, &self.limits, images.len(), self.prompt),
                 images,
                 max_new_tokens: self.max_new_tokens,
                 assistant_prefix: prefix.clone(),

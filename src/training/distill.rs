@@ -16,11 +16,15 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    domain::canonical::Canonical,
     domain::Limits,
     domain::{RawNote, Tag},
     model::{chat::Message, TextModel},
     tagging::handbook::{Category, Handbook},
-    tagging::{prompt, tags},
+    tagging::{
+        prompt::{self, PromptStyle},
+        tags,
+    },
 };
 
 /// One note and what the teacher made of it. The line format of `datasets/distill/**/*.jsonl`.
@@ -201,24 +205,47 @@ pub struct SftExample {
     pub rationale: String,
 }
 
+/// How SFT examples are made.
+#[derive(Debug, Clone, Default)]
+pub struct SftOptions {
+    /// The prompt style (the server must use the same one with the trained adapter).
+    pub style: PromptStyle,
+    /// Synonyms: the teacher's values become their canonical spellings in the answers, so the
+    /// student learns one spelling per thing (the feature schema's `[canonical]` files).
+    pub canonical: Canonical,
+}
+
 /// Builds the SFT example of `record`; an error when the note is invalid under `limits` or its
 /// tags leave nothing the grammar can write.
 pub fn sft_example(
     record: &TeacherRecord,
     handbook: &Handbook,
     limits: &Limits,
+    opts: &SftOptions,
 ) -> anyhow::Result<SftExample> {
     let note = record
         .raw_note()
         .validate(limits)
         .with_context(|| format!("note {}", record.note_id))?;
     let category = handbook.resolve(&note.category);
-    let answer = answer_text(category, &record.teacher.tags)
-        .with_context(|| format!("note {}: no tag the grammar can write", record.note_id))?;
+    // A note the teacher gave no tag is a negative example: the answer is `{}`, which the
+    // grammar allows, so the student learns to leave such notes untagged.
+    let tags: BTreeMap<String, Vec<String>> = record
+        .teacher
+        .tags
+        .iter()
+        .map(|(dim, values)| (dim.clone(), opts.canonical.canonicalize(dim, values)))
+        .collect();
+    let answer = if tags.values().all(Vec::is_empty) {
+        "{}".to_string()
+    } else {
+        answer_text(category, &tags)
+            .with_context(|| format!("note {}: no tag the grammar can write", record.note_id))?
+    };
     Ok(SftExample {
         note_id: record.note_id.clone(),
         category: category.key.clone(),
-        messages: prompt::messages(&note, category, limits, note.images.len()),
+        messages: prompt::messages(&note, category, limits, note.images.len(), opts.style),
         rationale: rationale_text(&record.teacher, &answer),
         answer,
     })
@@ -236,10 +263,20 @@ pub struct TokenizedExample {
     pub completion_ids: Vec<u32>,
 }
 
-/// Tokenizes `example` for `model`.
-pub fn tokenize(model: &TextModel, example: &SftExample) -> anyhow::Result<TokenizedExample> {
+/// Tokenizes `example` for `model`: its answer, or with `rationale` its rationale (which ends
+/// with the answer) as the completion.
+pub fn tokenize(
+    model: &TextModel,
+    example: &SftExample,
+    rationale: bool,
+) -> anyhow::Result<TokenizedExample> {
     let prompt_ids = model.encode_chat(&example.messages, "")?;
-    let mut completion_ids = model.encode_text(&example.answer)?;
+    let text = if rationale {
+        &example.rationale
+    } else {
+        &example.answer
+    };
+    let mut completion_ids = model.encode_text(text)?;
     completion_ids.extend(model.end_of_turn());
     Ok(TokenizedExample {
         note_id: example.note_id.clone(),
@@ -249,12 +286,15 @@ pub fn tokenize(model: &TextModel, example: &SftExample) -> anyhow::Result<Token
 }
 
 /// Writes `messages.jsonl` (system, user, assistant answer), `messages_cot.jsonl` (the same with
-/// the rationale before the answer) and, given a model, `tokens.jsonl` into `out`. Returns how
-/// many examples were written and the notes skipped, with why.
+/// the rationale before the answer) and, given a model, `tokens.jsonl` and `tokens_cot.jsonl`
+/// (their token ids) and `sft.json` (how they were made: the prompt style, which an adapter
+/// trained on them must be served with) into `out`. Returns how many examples were written and
+/// the notes skipped, with why.
 pub fn write_sft(
     records: &[TeacherRecord],
     handbook: &Handbook,
     limits: &Limits,
+    opts: &SftOptions,
     model: Option<&TextModel>,
     out: &Path,
 ) -> anyhow::Result<(usize, Vec<String>)> {
@@ -269,9 +309,10 @@ pub fn write_sft(
     let mut plain = open("messages.jsonl")?;
     let mut cot = open("messages_cot.jsonl")?;
     let mut toks = model.map(|_| open("tokens.jsonl")).transpose()?;
+    let mut toks_cot = model.map(|_| open("tokens_cot.jsonl")).transpose()?;
     let (mut written, mut skipped) = (0, Vec::new());
     for r in records {
-        let ex = match sft_example(r, handbook, limits) {
+        let ex = match sft_example(r, handbook, limits, opts) {
             Ok(ex) => ex,
             Err(e) => {
                 skipped.push(format!("{e:#}"));
@@ -289,15 +330,35 @@ pub fn write_sft(
         };
         writeln!(plain, "{}", chat(&ex.answer))?;
         writeln!(cot, "{}", chat(&ex.rationale))?;
-        if let (Some(model), Some(w)) = (model, toks.as_mut()) {
-            writeln!(w, "{}", serde_json::to_string(&tokenize(model, &ex)?)?)?;
+        if let (Some(model), Some(w), Some(wc)) = (model, toks.as_mut(), toks_cot.as_mut()) {
+            writeln!(
+                w,
+                "{}",
+                serde_json::to_string(&tokenize(model, &ex, false)?)?
+            )?;
+            writeln!(
+                wc,
+                "{}",
+                serde_json::to_string(&tokenize(model, &ex, true)?)?
+            )?;
         }
         written += 1;
     }
     plain.flush()?;
     cot.flush()?;
-    if let Some(w) = toks.as_mut() {
+    for w in toks.iter_mut().chain(toks_cot.iter_mut()) {
         w.flush()?;
+    }
+    if let Some(model) = model {
+        let meta = serde_json::json!({
+            "prompt": opts.style.as_str(),
+            "canonical": opts.canonical.dimensions().count() > 0,
+            "prompt_version": prompt::PROMPT_VERSION,
+            "model": model.info.version,
+            "examples": written,
+        });
+        std::fs::write(out.join("sft.json"), format!("{meta:#}\n"))
+            .with_context(|| format!("writing {}", out.join("sft.json").display()))?;
     }
     Ok((written, skipped))
 }

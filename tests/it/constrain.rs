@@ -37,6 +37,8 @@ fn every_constrained_answer_is_valid_and_within_limits() {
     let max_new = 96;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut walks = 0;
+    // `{}` (no tag) is a valid answer; random walks take it now and then, not always.
+    let mut empty = 0;
     for cat in std::iter::once(&handbook.fallback).chain(&handbook.categories) {
         let grammar: Arc<str> = tag_grammar(cat, &limits).into();
         for _ in 0..12 {
@@ -61,7 +63,7 @@ fn every_constrained_answer_is_valid_and_within_limits() {
             assert_eq!(p.dropped.over_limit, 0, "{text}");
             let v: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&text).unwrap();
-            assert!(!v.is_empty(), "at least one tag: {text}");
+            empty += v.is_empty() as usize;
             let mut total = 0;
             for (k, vals) in &v {
                 assert!(cat.has_dimension(k), "{k} in {text}");
@@ -80,6 +82,7 @@ fn every_constrained_answer_is_valid_and_within_limits() {
         }
     }
     assert_eq!(walks, 12 * (handbook.categories.len() + 1));
+    assert!(empty < walks, "every walk answered {{}}");
 }
 
 #[test]
@@ -108,6 +111,7 @@ fn grammar_refuses_what_the_handbook_or_limits_forbid() {
         r#"{"brand": ["Nike", "李宁"], "scene": ["通勤"]}"#,
         r#"{"colorway": ["熊猫配色"]}"#,
         r#"{"brand": ["abcdefghij"]}"#,
+        r#"{}"#, // no tag at all: a note that supports none
     ] {
         assert!(accepts(ok), "should accept {ok}");
     }
@@ -117,7 +121,6 @@ fn grammar_refuses_what_the_handbook_or_limits_forbid() {
         r#"{"brand": ["abcdefghijk"]}"#,                 // 11 characters > 10
         r#"{"brand": ["a", "b", "c"]}"#,                 // 3 in a dimension > 2
         r#"{"brand": ["a", "b"], "scene": ["c", "d"]}"#, // 4 in all > 3
-        r#"{}"#,                                         // no tag at all
         r#"{"brand": []}"#,                              // empty list
         r#"{"brand": [""]}"#,                            // empty value
         r#"{"brand": [" Nike"]}"#,                       // leading space

@@ -24,7 +24,7 @@ use tagllm::{
     tagging::grammar::tag_grammar,
     tagging::handbook::Handbook,
     tagging::tags::parse_output,
-    training::distill::{read_records, reference_tags, sft_example, TeacherRecord},
+    training::distill::{read_records, reference_tags, sft_example, SftOptions, TeacherRecord},
 };
 
 use crate::common::{
@@ -235,38 +235,53 @@ fn teacher_dataset_is_what_the_server_reads_and_the_grammar_allows() {
     let mut model = TextModel::load(&model_path(), Requantize::Q8_0).unwrap();
     let mut grammars: std::collections::HashMap<String, Arc<str>> = Default::default();
     let mut langs = std::collections::BTreeMap::new();
+    // As written, and in the canonical spellings of the shipped synonym files (what build-data
+    // writes): both are answers the grammar allows and that parse back to the expected tags.
+    let canonical = tagllm::features::Schema::load(&root().join("models/features.toml"))
+        .unwrap()
+        .canonical;
+    let as_written = SftOptions::default();
+    let canonical_opts = SftOptions {
+        canonical: canonical.clone(),
+        ..SftOptions::default()
+    };
+    let mut empty = 0;
     for r in &records {
         *langs.entry(r.lang.clone()).or_insert(0) += 1;
-        let ex = sft_example(r, &handbook, &limits).unwrap();
         let category = handbook.resolve(&r.category);
-        let parsed = parse_output(&ex.answer, category, &limits);
-        assert!(parsed.well_formed, "{}", r.note_id);
-        assert_eq!(
-            parsed.dropped.total(),
-            0,
-            "{}: {:?}",
-            r.note_id,
-            parsed.dropped
-        );
-        assert_eq!(
-            parsed.tags,
-            reference_tags(&r.teacher.tags, category),
-            "{}",
-            r.note_id
-        );
-        let grammar: Arc<str> = grammars
-            .entry(category.key.clone())
-            .or_insert_with(|| tag_grammar(category, &limits).into())
-            .clone();
-        let ids = model.encode_text(&ex.answer).unwrap();
-        let (c, _) = model.constrainer().start(&grammar).unwrap();
-        assert!(
-            c.accepts(&ids),
-            "{}: grammar refuses {}",
-            r.note_id,
-            ex.answer
-        );
+        let reference = reference_tags(&r.teacher.tags, category);
+        empty += reference.is_empty() as usize;
+        for (opts, want) in [
+            (&as_written, reference.clone()),
+            (&canonical_opts, canonical.tags(&reference)),
+        ] {
+            let ex = sft_example(r, &handbook, &limits, opts).unwrap();
+            let parsed = parse_output(&ex.answer, category, &limits);
+            assert!(parsed.well_formed, "{}", r.note_id);
+            assert_eq!(
+                parsed.dropped.total(),
+                0,
+                "{}: {:?}",
+                r.note_id,
+                parsed.dropped
+            );
+            assert_eq!(parsed.tags, want, "{}", r.note_id);
+            let grammar: Arc<str> = grammars
+                .entry(category.key.clone())
+                .or_insert_with(|| tag_grammar(category, &limits).into())
+                .clone();
+            let ids = model.encode_text(&ex.answer).unwrap();
+            let (c, _) = model.constrainer().start(&grammar).unwrap();
+            assert!(
+                c.accepts(&ids),
+                "{}: grammar refuses {}",
+                r.note_id,
+                ex.answer
+            );
+        }
     }
+    // Notes with nothing to tag teach the answer `{}`.
+    assert!(empty >= 50, "{empty} notes without tags");
     // Chinese and English notes both, as the issue asks.
     assert!(langs.get("zh").copied().unwrap_or(0) >= 150, "{langs:?}");
     assert!(langs.get("en").copied().unwrap_or(0) >= 150, "{langs:?}");
@@ -294,6 +309,8 @@ fn distill_trains_an_adapter_the_server_merges() {
             "distill",
             "--from-records",
             "datasets/distill/train/watches.jsonl",
+            "--prompt",
+            "compact",
         ])
         .arg("--out")
         .arg(&out)
@@ -316,7 +333,36 @@ fn distill_trains_an_adapter_the_server_merges() {
         .map(|s| s["loss"].as_f64().unwrap())
         .collect();
     assert!(losses.len() == 3 && losses.iter().all(|l| l.is_finite() && *l > 0.0));
-    assert_eq!(lines(&out.join("sft/train/tokens.jsonl")).len(), 44);
+    let (toks, cot) = (
+        lines(&out.join("sft/train/tokens.jsonl")),
+        lines(&out.join("sft/train/tokens_cot.jsonl")),
+    );
+    assert_eq!((toks.len(), cot.len()), (44, 44));
+    for (t, c) in toks.iter().zip(&cot) {
+        // The rationale variant: the same prompt, the three steps before the same answer.
+        assert_eq!(t["prompt_ids"], c["prompt_ids"]);
+        let (tc, cc) = (
+            t["completion_ids"].as_array().unwrap(),
+            c["completion_ids"].as_array().unwrap(),
+        );
+        assert!(cc.len() > tc.len() && cc.ends_with(tc), "{}", t["note_id"]);
+    }
+    // The adapter says which prompt it was trained on, and `auto` serves it with that prompt.
+    let sft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sft/train/sft.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&sft["prompt"], &sft["examples"]),
+        (&"compact".into(), &44.into())
+    );
+    let model_cfg = tagllm::config::ModelConfig {
+        adapter: out.display().to_string(),
+        ..Default::default()
+    };
+    assert_eq!(
+        model_cfg.prompt_style(),
+        Ok(tagllm::tagging::prompt::PromptStyle::Compact)
+    );
 
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("tests/fixtures/llamacpp_logits.json")).unwrap(),

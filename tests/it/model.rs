@@ -3,7 +3,7 @@
 
 use tagllm::model::{LoadOptions, PromptInput, Requantize, TextModel};
 
-use crate::common::{model_path, root};
+use crate::common::{model_path, qwen2_path, root};
 
 fn fixture(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(root().join("tests/fixtures").join(name)).unwrap();
@@ -22,9 +22,19 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// whitespace runs, special tokens in text), and decoding gives the text back.
 #[test]
 fn tokenizer_matches_llama_cpp() {
-    let model = TextModel::load(&model_path(), Requantize::None).unwrap();
+    tokenizer_matches(&model_path(), "tokenizer_llamacpp.json");
+}
+
+/// The same for the qwen2 base (`tokenizer.ggml.pre = qwen2`: its own regex, one digit per token).
+#[test]
+fn qwen2_tokenizer_matches_llama_cpp() {
+    tokenizer_matches(&qwen2_path(), "qwen2/tokenizer_llamacpp.json");
+}
+
+fn tokenizer_matches(path: &std::path::Path, fixture_name: &str) {
+    let model = TextModel::load(path, Requantize::None).unwrap();
     let tok = model.tokenizer();
-    let fx = fixture("tokenizer_llamacpp.json");
+    let fx = fixture(fixture_name);
     let cases = fx["cases"].as_array().unwrap();
     assert!(cases.len() >= 500, "corpus has {} strings", cases.len());
     let mut mismatches = Vec::new();
@@ -66,9 +76,32 @@ fn tokenizer_matches_llama_cpp() {
 /// llama.cpp's top-2 margin exceeds 0.5.
 #[test]
 fn logits_match_llama_cpp() {
-    let fx = fixture("llamacpp_logits.json");
-    for (mode, tol) in [(Requantize::None, 0.75f32), (Requantize::Q8_0, 1.0f32)] {
-        let mut model = TextModel::load(&model_path(), mode).unwrap();
+    logits_match(
+        &model_path(),
+        "llamacpp_logits.json",
+        &[(Requantize::None, 0.75), (Requantize::Q8_0, 1.0)],
+    );
+}
+
+/// The same for the qwen2 base (Q4_K_M: Q5_0, Q4_K, Q6_K and Q8_0 matrices; q/k/v biases,
+/// half-split rotary pairs), through the same batched decoder. Bounds: QWEN2_BOUNDS' comment.
+#[test]
+fn qwen2_logits_match_llama_cpp() {
+    logits_match(&qwen2_path(), "qwen2/llamacpp_logits.json", QWEN2_BOUNDS);
+}
+
+/// Tolerances for the qwen2 base: as stored (candle's K-quant and Q5_0 kernels) and re-quantized
+/// to Q8_0 (our kernels; the Q4_K/Q5_0/Q6_K weights rounded again to 8 bits). llama.cpp differs
+/// from itself by 0.17-0.36 on these prompts when only its KV-cache type changes
+/// (`scripts/llamacpp_kv_variation.py --fixtures tests/fixtures/qwen2 --model ...`); we measured
+/// 0.14-0.30 as stored and 0.18-0.33 as Q8_0, inside that variation. The bound, 0.5, is
+/// llama.cpp's own worst variation with room for another CPU's summation order.
+const QWEN2_BOUNDS: &[(Requantize, f32)] = &[(Requantize::None, 0.5), (Requantize::Q8_0, 0.5)];
+
+fn logits_match(path: &std::path::Path, fixture_name: &str, bounds: &[(Requantize, f32)]) {
+    let fx = fixture(fixture_name);
+    for &(mode, tol) in bounds {
+        let mut model = TextModel::load(path, mode).unwrap();
         let mut worst = 0f32;
         for c in fx["cases"].as_array().unwrap() {
             let name = c["name"].as_str().unwrap();
@@ -81,7 +114,7 @@ fn logits_match_llama_cpp() {
                 .map(|x| x.as_f64().unwrap() as f32)
                 .collect();
             let logits = model.forward(&prompt, 0).unwrap();
-            assert_eq!(logits.len(), 49152);
+            assert_eq!(logits.len() as u64, fx["n_vocab"].as_u64().unwrap());
             // Softmax ignores a constant shift: compare logits centred on each side's vocabulary mean.
             let our_mean = logits.iter().sum::<f32>() / logits.len() as f32;
             let shift = our_mean - c["logit_mean"].as_f64().unwrap() as f32;
@@ -91,6 +124,7 @@ fn logits_match_llama_cpp() {
                 .map(|(&i, &want)| (logits[i as usize] - shift - want).abs())
                 .fold(0f32, f32::max);
             worst = worst.max(max_diff);
+            eprintln!("{mode:?} {name}: centred max |logit diff| {max_diff:.4}");
             assert!(
                 max_diff <= tol,
                 "{mode:?} {name}: max centred |logit diff| {max_diff} > {tol}"
@@ -235,7 +269,11 @@ fn prefix_cache_gives_the_same_tokens() {
         let cat = handbook.resolve(&note.category);
         let prefix = prompt::assistant_prefix(cat);
         let enc = cached
-            .encode_chat_within(&prompt::messages(&note, cat, &limits, 0), &prefix, 4000)
+            .encode_chat_within(
+                &prompt::messages(&note, cat, &limits, 0, prompt::PromptStyle::Full),
+                &prefix,
+                4000,
+            )
             .unwrap();
         let (ids, shared) = (enc.ids, enc.shared_prefix);
         assert!(
@@ -276,6 +314,16 @@ fn prefix_cache_gives_the_same_tokens() {
 /// gives alone, at every step.
 #[test]
 fn batched_llama_equals_alone() {
+    batched_equals_alone(&model_path());
+}
+
+/// The same for the qwen2 base: its biases and rotary layout are per row too.
+#[test]
+fn batched_qwen2_equals_alone() {
+    batched_equals_alone(&qwen2_path());
+}
+
+fn batched_equals_alone(path: &std::path::Path) {
     use tagllm::{
         domain::Limits,
         domain::RawNote,
@@ -289,7 +337,7 @@ fn batched_llama_equals_alone() {
         max_batch: 3,
         ..LoadOptions::cpu(Requantize::Q8_0)
     };
-    let mut m = TextModel::load_with(&model_path(), &opts).unwrap();
+    let mut m = TextModel::load_with(path, &opts).unwrap();
     let mut prompts = Vec::new();
     for (cat, body) in [
         (
@@ -310,7 +358,7 @@ fn batched_llama_equals_alone() {
         let c = handbook.resolve(cat);
         let enc = m
             .encode_chat_within(
-                &prompt::messages(&note, c, &limits, 0),
+                &prompt::messages(&note, c, &limits, 0, prompt::PromptStyle::Full),
                 &prompt::assistant_prefix(c),
                 4000,
             )
@@ -410,7 +458,7 @@ async fn engine_batches_the_default_model() {
         .unwrap();
         let c = handbook.resolve(cat);
         (
-            prompt::messages(&note, c, &limits, 0),
+            prompt::messages(&note, c, &limits, 0, prompt::PromptStyle::Full),
             prompt::assistant_prefix(c),
         )
     })

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tagllm::{
     domain::Limits,
     tagging::handbook::Handbook,
-    training::distill::{read_records, sft_example, TeacherRecord},
+    training::distill::{read_records, sft_example, SftOptions, TeacherRecord},
 };
 
 use crate::common::{build_data, counts, lines, root};
@@ -378,6 +378,13 @@ fn recorded_teacher_resumes_retries_and_exports() {
     let written = read_records(&[records_path]).unwrap();
     assert_eq!(written.len(), 5);
     let limits = Limits::default();
+    // build-data writes the answers in the shipped schema's canonical spellings.
+    let sft = SftOptions {
+        canonical: tagllm::features::Schema::load(&root().join("models/features.toml"))
+            .unwrap()
+            .canonical,
+        ..SftOptions::default()
+    };
     let plain = lines(&out.join("messages.jsonl"));
     let cot = lines(&out.join("messages_cot.jsonl"));
     let toks = lines(&out.join("tokens.jsonl"));
@@ -390,7 +397,7 @@ fn recorded_teacher_resumes_retries_and_exports() {
         let cands = |x: &TeacherRecord| json!(x.teacher.candidates);
         assert_eq!(cands(w), cands(r), "{}", r.note_id);
         // The SFT answer is the one the committed record teaches.
-        let ex = sft_example(r, &handbook, &limits).unwrap();
+        let ex = sft_example(r, &handbook, &limits, &sft).unwrap();
         let msgs = plain[i]["messages"].as_array().unwrap();
         assert_eq!(msgs[2]["content"], json!(ex.answer), "{}", r.note_id);
         let completion = toks[i]["completion_ids"].as_array().unwrap();

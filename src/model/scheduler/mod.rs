@@ -430,7 +430,7 @@ impl<S> Scheduler<S> {
 }
 
 /// Counts a job whose caller left before it was prefilled.
-pub(super) fn cancelled_while_queued(stats: &EngineStats) {
+fn cancelled_while_queued(stats: &EngineStats) {
     stats.cancelled.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("tagllm_engine_jobs_total", "outcome" => "cancelled").increment(1);
 }
