@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tests whose outcome could depend on the CPU, run as a CPU without AVX-512 runs them, on any
-# machine: our default model's llama.cpp parity, batching and prefix-cache tests on the AVX2
+# machine: the shipped bases' llama.cpp parity and batching tests, and the prefix-cache test, on the AVX2
 # kernels (TAGLLM_KERNELS=avx2), and `tagllm build-data` against llama-cpp-python's server built
 # for AVX2 only (no AVX-512, no VNNI), in its own venv, target/test-venv-avx2 (made here by
 # scripts/test-deps.sh with those flags; ~7 minutes the first time, kept afterwards).
@@ -23,4 +23,5 @@ PY
 
 TAGLLM_KERNELS=avx2 cargo test --test it -- \
   model::logits_match_llama_cpp model::batched_llama_equals_alone \
+  model::qwen2_logits_match_llama_cpp model::batched_qwen2_equals_alone \
   model::prefix_cache_gives_the_same_tokens distill::build_data "$@"
