@@ -129,9 +129,8 @@ pub struct ModelConfig {
     /// Images are resized (aspect kept) to at most this many pixels before the vision tower:
     /// Qwen3-VL spends one prompt token per 32x32 pixels, so the default, 448x448, is 196 tokens.
     pub image_max_pixels: usize,
-    /// Sequences generated together by continuous batching (Qwen3-VL and llama-family GGUFs;
-    /// qwen2 GGUFs run one at a time). Each holds a KV cache that grows with use up to
-    /// `context_tokens` positions.
+    /// Sequences generated together by continuous batching (Qwen3-VL and the llama-family GGUFs:
+    /// llama, qwen2). Each holds a KV cache that grows with use up to `context_tokens` positions.
     pub max_batch: usize,
     /// Prompt tokens prefilled in one engine step when several notes join at once (a note longer
     /// than this still runs, alone).
