@@ -1,7 +1,8 @@
 //! A quantized llama-family decoder from GGUF over *packed* sequences (the `llama` architecture,
-//! the default model's, and `qwen2`, which adds q/k/v biases and rotates half-split pairs), so the engine can batch it: every sequence's new tokens in a step share one
-//! `[tokens, hidden]` matrix for the quantized projections and the MLP, and attention runs per
-//! sequence against that sequence's own KV cache (the Qwen3-VL decoder's scheme, `qwen3vl::text`).
+//! the default model's, and `qwen2`, which adds q/k/v biases and rotates half-split pairs), so
+//! the engine can batch it: every sequence's new tokens in a step share one `[tokens, hidden]`
+//! matrix for the quantized projections and the MLP, and attention runs per sequence against
+//! that sequence's own KV cache (the Qwen3-VL decoder's scheme, `qwen3vl::text`).
 //!
 //! It computes what candle-transformers' `quantized_llama` and `quantized_qwen2` compute, op for op
 //! (the same GGUF tensors, quantized matmuls, RMSNorms, RoPE with the same angle table, softmax
