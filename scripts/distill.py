@@ -45,6 +45,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts/gpu"))
+from xfer import sha256_file  # noqa: E402  (standard library only; the GPU kit's file checks)
 DEFAULT_GGUF = ROOT / "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # GGUF tensor name -> transformers module, per block.
 BLOCK_MAP = {
@@ -125,14 +127,6 @@ def load_gguf(path: pathlib.Path, dtype=torch.float32):
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.to(dtype).eval(), arch_name
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def logits_fixture(sha: str):

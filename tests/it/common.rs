@@ -15,24 +15,25 @@ pub fn root() -> &'static Path {
 }
 
 /// The default model; the tests fail (not skip) without it.
-/// The qwen2 base (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M), which `scripts/test-deps.sh` fetches.
-pub fn qwen2_path() -> std::path::PathBuf {
-    let p = root().join("models/qwen2/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run models/fetch_model.sh qwen2.5-coder-0.5b",
-        p.display()
-    );
-    p
+pub fn model_path() -> std::path::PathBuf {
+    fetched(
+        "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "models/fetch_default_model.sh",
+    )
 }
 
-pub fn model_path() -> std::path::PathBuf {
-    let p = root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run models/fetch_default_model.sh",
-        p.display()
-    );
+/// The qwen2 base (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M), which `scripts/test-deps.sh` fetches.
+pub fn qwen2_path() -> std::path::PathBuf {
+    fetched(
+        "models/qwen2/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        "models/fetch_model.sh qwen2.5-coder-0.5b",
+    )
+}
+
+/// A fetched model file under the repository; a clear failure naming `fetch` when it is missing.
+fn fetched(path: &str, fetch: &str) -> std::path::PathBuf {
+    let p = root().join(path);
+    assert!(p.is_file(), "{} is missing: run {fetch}", p.display());
     p
 }
 
