@@ -326,13 +326,20 @@ impl Schema {
     /// The features of a note's tags: per group, distinct ids in tag order; a repeated id keeps
     /// the larger weight.
     pub fn features(&self, tags: &[Tag]) -> Features {
+        // Each tag's canonical value, looked up once for all groups.
+        let values: Vec<&str> = tags
+            .iter()
+            .map(|t| self.canonical.value(&t.dimension, &t.value))
+            .collect();
         self.groups
             .iter()
             .map(|g| {
                 let mut f = GroupFeature::default();
-                for t in tags.iter().filter(|t| g.selects(&t.dimension)) {
-                    let value = self.canonical.spelling(&t.dimension, &t.value);
-                    let Some(id) = g.id(&t.dimension, &normalize(value)) else {
+                for (t, value) in tags.iter().zip(&values) {
+                    if !g.selects(&t.dimension) {
+                        continue;
+                    }
+                    let Some(id) = g.id(&t.dimension, value) else {
                         continue;
                     };
                     let w = match g.weight {

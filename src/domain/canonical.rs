@@ -11,8 +11,15 @@ use super::{normalize, Tag};
 /// Synonym groups per dimension.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Canonical {
-    /// Dimension -> normalized spelling -> the canonical spelling, as written in its file.
-    by_dimension: HashMap<String, HashMap<String, String>>,
+    /// Dimension -> normalized spelling -> the canonical spelling.
+    by_dimension: HashMap<String, HashMap<String, Spelling>>,
+}
+
+/// A group's canonical spelling, as written in its file and normalized (what tag values are).
+#[derive(Debug, Clone, PartialEq)]
+struct Spelling {
+    written: String,
+    normalized: String,
 }
 
 /// Why a synonym file was refused: the line (1-based) and what is wrong.
@@ -65,6 +72,19 @@ impl Canonical {
 
     /// Adds `dimension`'s synonym groups (from [`parse_synonyms`]).
     pub fn insert(&mut self, dimension: &str, groups: HashMap<String, String>) {
+        let groups = groups
+            .into_iter()
+            .map(|(key, written)| {
+                let normalized = normalize(&written);
+                (
+                    key,
+                    Spelling {
+                        written,
+                        normalized,
+                    },
+                )
+            })
+            .collect();
         self.by_dimension.insert(dimension.to_string(), groups);
     }
 
@@ -78,7 +98,16 @@ impl Canonical {
         self.by_dimension
             .get(dimension)
             .and_then(|m| m.get(&normalize(value)))
-            .map_or(value, String::as_str)
+            .map_or(value, |s| s.written.as_str())
+    }
+
+    /// The canonical value (normalized) of a tag value of `dimension`, which is normalized as tag
+    /// values are: one lookup, no allocation (the feature ids' path).
+    pub fn value<'a>(&'a self, dimension: &str, normalized: &'a str) -> &'a str {
+        self.by_dimension
+            .get(dimension)
+            .and_then(|m| m.get(normalized))
+            .map_or(normalized, |s| s.normalized.as_str())
     }
 
     /// Whether `dimension` has synonym groups.
@@ -92,7 +121,7 @@ impl Canonical {
         let mut seen = std::collections::HashSet::new();
         tags.iter()
             .map(|t| Tag {
-                value: normalize(self.spelling(&t.dimension, &t.value)),
+                value: self.value(&t.dimension, &t.value).to_string(),
                 ..t.clone()
             })
             .filter(|t| seen.insert((t.dimension.clone(), t.value.clone())))
